@@ -1,0 +1,12 @@
+"""H-MaiT: hierarchical vision transformer with masked attention heads (MaiT, Li et al. 2022).
+
+Importing the package registers ``HMaiT`` in mmengine's root MODELS registry and the
+``hmait_*`` models in timm. It never imports mmcv, mmdet or mmseg.
+"""
+from . import registry  # noqa: F401  (registration side effects)
+from .models import HMaiT, HMaiTClassifier, MaskedAttentionBlock, MaskedMultiheadAttention
+from .ops import dense_masked_attention, masked_attention, neighbourhood_mask
+
+__version__ = '0.1.0'
+__all__ = ['HMaiT', 'HMaiTClassifier', 'MaskedAttentionBlock', 'MaskedMultiheadAttention',
+           'dense_masked_attention', 'masked_attention', 'neighbourhood_mask']

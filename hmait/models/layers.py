@@ -1,0 +1,143 @@
+"""The one attention module and the one transformer block shared by HMaiT and MaiT."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, LayerScale, Mlp
+from torch.utils.checkpoint import checkpoint
+
+from ..ops import MODES, dense_attention_map, masked_attention
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f'{name} must be a positive integer, got {value!r}')
+
+
+class MaskedMultiheadAttention(nn.Module):
+    """Multi-head self-attention whose first ``num_masked_heads`` heads are masked (paper Eq. 2).
+
+    Masked heads see only the ``mask_size x mask_size`` neighbourhood of each grid token in the
+    sense of ``mode`` (see :mod:`hmait.ops`); the remaining heads attend globally.
+    Input and output are ``(B, N, dim)`` with ``N = num_prefix_tokens + h*w``.
+
+    ``attn_drop`` drops attention probabilities of the global heads only: masked heads never
+    materialise their attention map, so there is nothing to drop there.
+    ``alpha_init`` is the initial soft-masking factor of each masked head (``mode='soft'``).
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_masked_heads: int = 0, mask_size: int = 3,
+                 mode: str = 'hard', qkv_bias: bool = True, qk_scale: float | None = None,
+                 attn_drop: float = 0., proj_drop: float = 0., num_prefix_tokens: int = 0,
+                 alpha_init: float = 0.5):
+        super().__init__()
+        _check_positive_int('dim', dim)
+        _check_positive_int('num_heads', num_heads)
+        if dim % num_heads:
+            raise ValueError(f'dim ({dim}) must be divisible by num_heads ({num_heads})')
+        if isinstance(num_masked_heads, bool) or not isinstance(num_masked_heads, int) \
+                or not 0 <= num_masked_heads <= num_heads:
+            raise ValueError(f'num_masked_heads must be an integer in [0, num_heads={num_heads}], '
+                             f'got {num_masked_heads!r}')
+        if mode not in MODES:
+            raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+        if isinstance(mask_size, bool) or not isinstance(mask_size, int) or mask_size <= 0 or mask_size % 2 == 0:
+            raise ValueError(f'mask_size must be a positive odd integer (3, 5, ...), got {mask_size!r}')
+        if not 0. < alpha_init < 1.:
+            raise ValueError(f'alpha_init must lie in (0, 1), got {alpha_init!r}')
+        self.num_heads = num_heads
+        self.num_masked_heads = num_masked_heads
+        self.head_dim = dim // num_heads
+        self.scale = qk_scale if qk_scale is not None else self.head_dim ** -0.5
+        self.mask_size = mask_size
+        self.mode = mode
+        self.num_prefix_tokens = num_prefix_tokens
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if mode == 'soft' and num_masked_heads:
+            # alpha = sigmoid(logit) keeps every soft-masking factor inside (0, 1).
+            logit = math.log(alpha_init / (1. - alpha_init))
+            self.soft_mask_logit = nn.Parameter(torch.full((num_masked_heads,), logit))
+        else:
+            self.register_parameter('soft_mask_logit', None)
+
+    @property
+    def alpha(self) -> torch.Tensor | None:
+        """Soft-masking factors of the masked heads, ``(num_masked_heads,)``, or None."""
+        return None if self.soft_mask_logit is None else torch.sigmoid(self.soft_mask_logit)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return qkv.unbind(0)  # each (B, heads, N, d)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """x: ``(B, N, dim)``, hw: grid ``(h, w)`` -> ``(B, N, dim)``."""
+        b, n, c = x.shape
+        q, k, v = self._qkv(x)
+        m = self.num_masked_heads
+        outs = []
+        if m:
+            outs.append(masked_attention(q[:, :m], k[:, :m], v[:, :m], hw, self.mask_size, self.mode,
+                                         self.alpha, self.num_prefix_tokens, self.scale))
+        if m < self.num_heads:
+            outs.append(F.scaled_dot_product_attention(
+                q[:, m:], k[:, m:], v[:, m:], dropout_p=self.attn_drop if self.training else 0.,
+                scale=self.scale))
+        x = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+        x = x.transpose(1, 2).reshape(b, n, c)
+        return self.proj_drop(self.proj(x))
+
+    @torch.no_grad()
+    def attention_maps(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """Dense attention maps of every head, ``(B, heads, N, N)``, for analysis on small inputs."""
+        q, k, _ = self._qkv(x)
+        m = self.num_masked_heads
+        maps = []
+        if m:
+            maps.append(dense_attention_map(q[:, :m], k[:, :m], hw, self.mask_size, self.mode, self.alpha,
+                                            self.num_prefix_tokens, self.scale))
+        if m < self.num_heads:
+            maps.append(dense_attention_map(q[:, m:], k[:, m:], hw, self.mask_size, None, None,
+                                            self.num_prefix_tokens, self.scale))
+        return torch.cat(maps, dim=1)
+
+
+class MaskedAttentionBlock(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``.
+
+    Input and output are ``(B, N, dim)``; ``hw`` gives the token grid behind the
+    ``num_prefix_tokens`` prefix tokens. ``layer_scale_init`` enables LayerScale.
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_masked_heads: int = 0, mask_size: int = 3,
+                 mask_mode: str = 'hard', mlp_ratio: float = 4., qkv_bias: bool = True,
+                 qk_scale: float | None = None, drop: float = 0., attn_drop: float = 0., drop_path: float = 0.,
+                 act_layer: type[nn.Module] = nn.GELU, norm_layer: type[nn.Module] = nn.LayerNorm,
+                 layer_scale_init: float | None = None, num_prefix_tokens: int = 0, with_cp: bool = False,
+                 alpha_init: float = 0.5):
+        super().__init__()
+        self.with_cp = with_cp
+        self.norm1 = norm_layer(dim)
+        self.attn = MaskedMultiheadAttention(dim, num_heads, num_masked_heads, mask_size, mask_mode, qkv_bias,
+                                             qk_scale, attn_drop, drop, num_prefix_tokens, alpha_init)
+        self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def _forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), hw)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        if self.with_cp and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, hw, use_reentrant=False)
+        return self._forward(x, hw)

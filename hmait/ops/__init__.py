@@ -1,0 +1,10 @@
+"""Functional masked attention: reference and fast paths, no module state."""
+from .masked_attention import (
+    MODES,
+    dense_attention_map,
+    dense_masked_attention,
+    masked_attention,
+    neighbourhood_mask,
+)
+
+__all__ = ['MODES', 'dense_attention_map', 'dense_masked_attention', 'masked_attention', 'neighbourhood_mask']

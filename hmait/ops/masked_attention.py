@@ -1,0 +1,249 @@
+"""Functional masked attention (MaiT paper, Eq. 2) on a 2-D token grid.
+
+Tokens are ``num_prefix_tokens`` prefix tokens (class / distillation tokens) followed by an
+``h x w`` grid in row-major order. The mask of a grid token is the ``mask_size x mask_size``
+box centred on it, self included, truncated at the border. Prefix tokens attend to every token
+and every token attends to them.
+
+Modes (how a non-neighbour logit ``s = q.k / sqrt(d)`` enters the softmax):
+
+* ``'hard'``   -> ``0``        (the paper's Hard Masking: ``M * s`` with binary ``M``)
+* ``'soft'``   -> ``alpha * s`` (the paper's Soft Masking, one ``alpha`` in (0, 1) per head)
+* ``'strict'`` -> ``-inf``     (classic neighbourhood attention)
+
+``dense_masked_attention`` is the O(N^2) reference and the oracle for every fast path;
+``masked_attention`` picks a fast path.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+MODES = ('hard', 'soft', 'strict')
+
+# Soft mode works on query chunks so that no (N, N) tensor is ever alive; this bounds the
+# number of float32 logits per chunk (about 64 MiB).
+_SOFT_CHUNK_ELEMENTS = 1 << 24
+
+
+def _check_mask_size(mask_size: int) -> None:
+    if isinstance(mask_size, bool) or not isinstance(mask_size, int) or mask_size <= 0 or mask_size % 2 == 0:
+        raise ValueError(f'mask_size must be a positive odd integer (3, 5, ...), got {mask_size!r}')
+
+
+def _check_hw(hw) -> tuple[int, int]:
+    try:
+        h, w = (int(s) for s in hw)
+    except (TypeError, ValueError):
+        raise ValueError(f'hw must be a pair (height, width) of the token grid, got {hw!r}') from None
+    if h <= 0 or w <= 0:
+        raise ValueError(f'hw must hold positive grid sizes, got {hw!r}')
+    return h, w
+
+
+def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw, mask_size: int, mode: str,
+              alpha: torch.Tensor | None, num_prefix_tokens: int) -> tuple[int, int]:
+    if mode not in MODES:
+        raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+    _check_mask_size(mask_size)
+    h, w = _check_hw(hw)
+    if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+        raise ValueError(f'num_prefix_tokens must be a non-negative integer, got {num_prefix_tokens!r}')
+    for name, t in (('q', q), ('k', k), ('v', v)):
+        if t.dim() != 4:
+            raise ValueError(f'{name} must have shape (B, heads, N, d), got shape {tuple(t.shape)}')
+    if q.shape != k.shape or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f'q, k, v must share (B, heads, N) and q, k the head size; got q {tuple(q.shape)}, '
+                         f'k {tuple(k.shape)}, v {tuple(v.shape)}')
+    n = q.shape[2]
+    if n != num_prefix_tokens + h * w:
+        raise ValueError(f'the token count N={n} must equal num_prefix_tokens + h*w = '
+                         f'{num_prefix_tokens} + {h}*{w} = {num_prefix_tokens + h * w}')
+    if mode == 'soft':
+        if alpha is None:
+            raise ValueError("mode='soft' needs alpha, a tensor of shape (heads,) with values in (0, 1)")
+        if alpha.shape != (q.shape[1],):
+            raise ValueError(f'alpha must have shape (heads,) = ({q.shape[1]},), got {tuple(alpha.shape)}')
+    return h, w
+
+
+def _mask_rows(h: int, w: int, mask_size: int, num_prefix_tokens: int, start: int, stop: int,
+               device: torch.device | None = None) -> torch.Tensor:
+    """Rows ``start:stop`` of the neighbourhood mask, bool ``(stop - start, N)``."""
+    p, r = num_prefix_tokens, mask_size // 2
+    grid = torch.arange(h * w, device=device)
+    rows, cols = grid // w, grid % w
+    query = torch.arange(start, stop, device=device)
+    qi = (query - p).clamp(min=0)
+    near = (((rows[qi][:, None] - rows[None]).abs() <= r)
+            & ((cols[qi][:, None] - cols[None]).abs() <= r))
+    mask = torch.ones(stop - start, p + h * w, dtype=torch.bool, device=device)
+    mask[:, p:] = near
+    mask[query < p] = True
+    return mask
+
+
+def neighbourhood_mask(h: int, w: int, mask_size: int = 3, num_prefix_tokens: int = 0,
+                       device: torch.device | None = None) -> torch.Tensor:
+    """The binary mask M of Eq. 2 as bool ``(N, N)`` with ``N = num_prefix_tokens + h*w``."""
+    _check_mask_size(mask_size)
+    h, w = _check_hw((h, w))
+    n = num_prefix_tokens + h * w
+    return _mask_rows(h, w, mask_size, num_prefix_tokens, 0, n, device)
+
+
+def _mask_logits(logits: torch.Tensor, mask: torch.Tensor, mode: str, alpha: torch.Tensor | None) -> torch.Tensor:
+    """Apply a mode to logits ``(B, heads, n, N)`` given the bool mask ``(n, N)``."""
+    if mode == 'hard':
+        return logits.masked_fill(~mask, 0.0)
+    if mode == 'strict':
+        return logits.masked_fill(~mask, float('-inf'))
+    scale = alpha.to(logits.dtype)[:, None, None]
+    return torch.where(mask, logits, logits * scale)
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    # Half-precision inputs accumulate in float32 so that logits of magnitude 1e4 stay finite.
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
+def dense_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw, mask_size: int = 3,
+                           mode: str = 'hard', alpha: torch.Tensor | None = None,
+                           num_prefix_tokens: int = 0, scale: float | None = None) -> torch.Tensor:
+    """Reference masked attention with the full ``(N, N)`` attention map.
+
+    Args:
+        q, k: ``(B, heads, N, d)``; v: ``(B, heads, N, d_v)``.
+        hw: ``(h, w)`` of the token grid; ``N = num_prefix_tokens + h*w``.
+        alpha: ``(heads,)`` in (0, 1), soft mode only.
+        scale: logit scale, ``1/sqrt(d)`` by default.
+
+    Returns:
+        ``(B, heads, N, d_v)`` in the dtype of ``q``.
+    """
+    h, w = _validate(q, k, v, hw, mask_size, mode, alpha, num_prefix_tokens)
+    return _dense(q, k, v, h, w, mask_size, mode, alpha, num_prefix_tokens, scale)
+
+
+def dense_attention_map(q: torch.Tensor, k: torch.Tensor, hw, mask_size: int = 3, mode: str | None = 'hard',
+                        alpha: torch.Tensor | None = None, num_prefix_tokens: int = 0,
+                        scale: float | None = None) -> torch.Tensor:
+    """The attention map ``A = softmax(masked logits)``, ``(B, heads, N, N)``; ``mode=None`` is unmasked."""
+    h, w = _validate(q, k, k, hw, mask_size, mode or 'hard', alpha, num_prefix_tokens)
+    dtype = _compute_dtype(q)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) * scale
+    if mode is not None:
+        n = q.shape[2]
+        mask = _mask_rows(h, w, mask_size, num_prefix_tokens, 0, n, q.device)
+        logits = _mask_logits(logits, mask, mode, alpha)
+    return logits.softmax(dim=-1)
+
+
+def _dense(q, k, v, h, w, mask_size, mode, alpha, num_prefix_tokens, scale, start=0, stop=None):
+    """Rows ``start:stop`` of the masked attention output (``q`` holds just those rows)."""
+    dtype = _compute_dtype(q)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    stop = start + q.shape[2] if stop is None else stop
+    logits = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) * scale
+    mask = _mask_rows(h, w, mask_size, num_prefix_tokens, start, stop, q.device)
+    attn = _mask_logits(logits, mask, mode, alpha).softmax(dim=-1)
+    return (attn @ v.to(dtype)).to(q.dtype)
+
+
+def _soft_chunked(q, k, v, h, w, mask_size, alpha, num_prefix_tokens, scale):
+    """Exact soft masking in query chunks; each chunk is recomputed in backward (no (N, N) tensor kept)."""
+    b, heads, n, _ = q.shape
+    chunk = max(1, min(n, _SOFT_CHUNK_ELEMENTS // max(1, b * heads * n)))
+    if chunk >= n:
+        return _dense(q, k, v, h, w, mask_size, 'soft', alpha, num_prefix_tokens, scale)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, alpha))
+    outs = []
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        args = (q[:, :, start:stop], k, v, h, w, mask_size, 'soft', alpha, num_prefix_tokens, scale, start, stop)
+        outs.append(checkpoint(_dense, *args, use_reentrant=False) if needs_grad else _dense(*args))
+    return torch.cat(outs, dim=2)
+
+
+def _local_grid_attention(q, k, v, h, w, mask_size, mode, num_prefix_tokens, scale):
+    """Hard or strict masked attention in O(N * mask_size^2 * d), without any (N, N) tensor.
+
+    Keys and values are zero-padded once; each of the mask_size^2 neighbour offsets is a shifted
+    view, so the neighbour logits are element-wise products. Hard mode uses the exact linear
+    form of Eq. 2: every non-neighbour has logit 0, so together they add ``exp(-m)`` times their
+    count to the denominator and ``exp(-m)`` times the sum of their values to the numerator,
+    and that sum is the total value sum minus the neighbours' sum.
+    """
+    out_dtype = q.dtype
+    dtype = _compute_dtype(q)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    b, heads, n, d = q.shape
+    p, r = num_prefix_tokens, mask_size // 2
+    scale = d ** -0.5 if scale is None else scale
+
+    q_grid = q[:, :, p:].reshape(b, heads, h, w, d) * scale
+    k_pad = F.pad(k[:, :, p:].reshape(b, heads, h, w, d), (0, 0, r, r, r, r))
+    v_pad = F.pad(v[:, :, p:].reshape(b, heads, h, w, v.shape[-1]), (0, 0, r, r, r, r))
+    # Which of the mask_size^2 offsets fall inside the image, per grid position: (R^2, h, w).
+    ones = F.pad(torch.ones(h, w, dtype=torch.bool, device=q.device), (r, r, r, r))
+    offsets = [(di, dj) for di in range(mask_size) for dj in range(mask_size)]
+    valid = torch.stack([ones[di:di + h, dj:dj + w] for di, dj in offsets])
+
+    # Neighbour logits (B, heads, h, w, R^2 + P): grid neighbours, then the prefix tokens.
+    logits = [(q_grid * k_pad[:, :, di:di + h, dj:dj + w]).sum(-1) for di, dj in offsets]
+    logits = torch.stack(logits, dim=-1).masked_fill(~valid.permute(1, 2, 0), float('-inf'))
+    if p:
+        prefix_logits = q_grid.reshape(b, heads, h * w, d) @ k[:, :, :p].transpose(-2, -1)
+        logits = torch.cat([logits, prefix_logits.reshape(b, heads, h, w, p)], dim=-1)
+
+    num_neighbours = valid.sum(0) + p                            # (h, w)
+    num_outside = (p + h * w) - num_neighbours                    # (h, w)
+    m = logits.amax(dim=-1, keepdim=True)
+    if mode == 'hard':
+        # Non-neighbours have logit 0; include it in the stabiliser only where they exist.
+        m = torch.maximum(m, torch.where(num_outside > 0, 0.0, float('-inf')).to(dtype)[..., None])
+    m = m.detach()  # The stabiliser cancels out of the softmax; no gradient needs to flow through it.
+    weights = torch.exp(logits - m)                               # (B, heads, h, w, R^2 + P)
+    denom = weights.sum(-1, keepdim=True)
+
+    numer = sum(weights[..., i, None] * v_pad[:, :, di:di + h, dj:dj + w] for i, (di, dj) in enumerate(offsets))
+    if p:
+        v_prefix = v[:, :, :p]
+        numer = numer + (weights[..., len(offsets):].reshape(b, heads, h * w, p) @ v_prefix).reshape_as(numer)
+    if mode == 'hard':
+        # Where every token is a neighbour there is no outside mass (and exp(-m) may overflow).
+        outside_weight = torch.exp(-m).masked_fill((num_outside == 0)[..., None], 0.0)  # (B, heads, h, w, 1)
+        neighbour_v = sum(v_pad[:, :, di:di + h, dj:dj + w] for di, dj in offsets)
+        total_v = v.sum(dim=2)[:, :, None, None]                  # (B, heads, 1, 1, d_v)
+        if p:
+            neighbour_v = neighbour_v + v_prefix.sum(dim=2)[:, :, None, None]
+        numer = numer + outside_weight * (total_v - neighbour_v)
+        denom = denom + outside_weight * num_outside.to(dtype)[..., None]
+    grid_out = (numer / denom).reshape(b, heads, h * w, -1)
+
+    if p:
+        # Prefix queries attend to every token: plain attention over p rows.
+        prefix_out = F.scaled_dot_product_attention(q[:, :, :p], k, v, scale=scale)
+        grid_out = torch.cat([prefix_out, grid_out], dim=2)
+    return grid_out.to(out_dtype)
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw, mask_size: int = 3,
+                     mode: str = 'hard', alpha: torch.Tensor | None = None, num_prefix_tokens: int = 0,
+                     scale: float | None = None) -> torch.Tensor:
+    """Masked attention (paper Eq. 2) without materialising the ``(N, N)`` attention map.
+
+    Same arguments and result as :func:`dense_masked_attention`:
+    q, k ``(B, heads, N, d)``, v ``(B, heads, N, d_v)`` -> ``(B, heads, N, d_v)``.
+
+    Hard and strict modes cost O(N * mask_size^2 * d) time and memory; soft mode is inherently
+    global (every logit is kept, scaled by alpha) and runs in bounded-memory query chunks.
+    """
+    h, w = _validate(q, k, v, hw, mask_size, mode, alpha, num_prefix_tokens)
+    if mode == 'soft':
+        return _soft_chunked(q, k, v, h, w, mask_size, alpha, num_prefix_tokens, scale)
+    return _local_grid_attention(q, k, v, h, w, mask_size, mode, num_prefix_tokens, scale)
