@@ -94,8 +94,8 @@ class HMaiT(BaseModule):
                  strides: Sequence[int] = (4, 2, 2, 2), out_indices: Sequence[int] = (0, 1, 2, 3),
                  qkv_bias: bool = True, qk_scale: float | None = None, patch_norm: bool = True,
                  drop_rate: float = 0., attn_drop_rate: float = 0., drop_path_rate: float = 0.1,
-                 use_abs_pos_embed: bool = False, act_cfg: dict = dict(type='GELU'),
-                 norm_cfg: dict = dict(type='LN'), with_cp: bool = False, convert_weights: bool = False,
+                 use_abs_pos_embed: bool = False, act_cfg: dict | None = None,
+                 norm_cfg: dict | None = None, with_cp: bool = False, convert_weights: bool = False,
                  frozen_stages: int = -1, pretrained: str | None = None, init_cfg: dict | None = None):
         if pretrained is not None:
             if init_cfg is not None:
@@ -136,8 +136,8 @@ class HMaiT(BaseModule):
         if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels <= 0:
             raise ValueError(f'in_channels must be a positive integer, got {in_channels!r}')
 
-        act_layer = _layer_from_cfg(act_cfg, _ACTIVATIONS, 'act_cfg')
-        norm_layer = _layer_from_cfg(norm_cfg, _NORMS, 'norm_cfg')
+        act_layer = _layer_from_cfg(act_cfg or dict(type='GELU'), _ACTIVATIONS, 'act_cfg')
+        norm_layer = _layer_from_cfg(norm_cfg or dict(type='LN'), _NORMS, 'norm_cfg')
         self.in_channels = in_channels
         self.embed_dims = embed_dims
         self.depths = depths

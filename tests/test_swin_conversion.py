@@ -1,0 +1,80 @@
+"""Swin checkpoints from mmdet's own SwinTransformer convert onto H-MaiT, and the converter CLI."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import hmait  # noqa: F401
+from hmait.models import HMaiT, convert_swin_state_dict
+from hmait.models.checkpoint import safe_load
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_mmdet_swin_state_dict_converts_with_every_non_window_key_matched():
+    from mmdet.models.backbones import SwinTransformer
+    swin = SwinTransformer(depths=(1, 1, 1, 1), window_size=7)
+    sd = {f'backbone.{k}': v for k, v in swin.state_dict().items()}  # as found in a detector checkpoint
+    from hmait.models.checkpoint import extract_state_dict
+    converted, dropped = convert_swin_state_dict(extract_state_dict({'state_dict': sd}))
+    ours = HMaiT(depths=(1, 1, 1, 1)).state_dict()
+    assert set(converted) == set(ours)
+    assert all(converted[k].shape == ours[k].shape for k in ours)
+    assert dropped and all('relative_position' in k or 'attn_mask' in k for k in dropped)
+
+
+def test_mmdet_patch_merging_weights_are_reordered_exactly():
+    """mmdet's patch merging (nn.Unfold channel order) and timm's (concatenation order) compute the
+    same function once the converter reorders the reduction and norm weights."""
+    from mmdet.models.backbones import SwinTransformer
+    torch.manual_seed(0)
+    swin = SwinTransformer(depths=(1, 1, 1, 1), window_size=7)
+    for p in swin.stages[0].downsample.norm.parameters():
+        p.data.normal_()
+    converted, _ = convert_swin_state_dict(swin.state_dict())
+    ours = HMaiT(depths=(1, 1, 1, 1))
+    ours.load_state_dict(converted)
+    x = torch.randn(2, 6, 10, 96)  # (B, H, W, C)
+    expected, _ = swin.stages[0].downsample(x.reshape(2, 60, 96), (6, 10))
+    assert torch.allclose(ours.layers[1].downsample(x).reshape(2, -1, 192), expected, atol=1e-5)
+
+
+def test_converter_cli_reports_and_writes_a_loadable_checkpoint(tmp_path):
+    swin = timm.create_model('swin_tiny_patch4_window7_224')
+    src = tmp_path / 'swin_tiny.pth'
+    torch.save({'model': swin.state_dict()}, src)
+    dst = tmp_path / 'out' / 'hmait_tiny_from_swin.pth'
+    result = subprocess.run([sys.executable, 'tools/model_converters/swin2hmait.py', str(src), str(dst)],
+                            cwd=REPO, capture_output=True, text=True, check=True)
+    assert 'timm layout' in result.stdout
+    assert 'dropped (12)' in result.stdout  # one relative position table per block
+    assert 'unmatched (0)' in result.stdout and 'missing (0)' in result.stdout
+    model = timm.create_model('hmait_tiny')
+    model.load_state_dict(safe_load(str(dst))['state_dict'], strict=True)
+    assert torch.equal(model.layers[2].blocks[5].mlp.fc2.weight, swin.layers[2].blocks[5].mlp.fc2.weight)
+
+
+def test_converter_cli_rejects_a_non_swin_file(tmp_path):
+    src = tmp_path / 'hmait.pth'
+    torch.save({'state_dict': HMaiT(depths=(1, 1, 1, 1)).state_dict()}, src)
+    result = subprocess.run([sys.executable, 'tools/model_converters/swin2hmait.py', str(src), str(tmp_path / 'x')],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode != 0 and 'is not a Swin checkpoint' in result.stderr
+
+
+@pytest.mark.parametrize('scope', ['mmdet', 'mmseg'])
+def test_backbone_builds_through_downstream_registries(scope):
+    from mmengine.registry import init_default_scope
+    if scope == 'mmdet':
+        from mmdet.registry import MODELS
+    else:
+        from mmseg.registry import MODELS
+    init_default_scope(scope)
+    model = MODELS.build(dict(type='HMaiT', depths=(1, 1, 1, 1), out_indices=(1, 2, 3), frozen_stages=1))
+    assert isinstance(model, HMaiT)
+    outs = model(torch.randn(1, 3, 70, 90))
+    assert [tuple(o.shape[1:]) for o in outs] == [(192, 9, 12), (384, 5, 6), (768, 3, 3)]
+    assert not any(p.requires_grad for p in model.layers[0].parameters())
