@@ -72,13 +72,14 @@ def _cait_layer_scale_init(depth: int) -> float:
 
 def _create_mait(variant: str, pretrained: bool = False, depth: int = 24, layer_scale: bool | None = None,
                  **kwargs) -> MaiT:
-    """Paper Table 7 defaults: 24 layers, LayerScale and masking scheme Sch.2 (12 layers: Sch.1, no LayerScale)."""
+    """Paper Table 7 defaults: 24 layers, LayerScale and Sch.2; 12 layers: Sch.1 without LayerScale."""
     if depth not in (12, 24):
         raise ValueError(f'{variant}: depth must be 12 or 24 (the paper\'s MaiT depths), got {depth!r}; '
                          f'build hmait.models.MaiT directly for other depths')
     if pretrained and not (kwargs.get('pretrained_cfg_overlay') or {}).get('file'):
         raise ValueError(f'{variant}: pretrained=True needs a local checkpoint, '
-                         "pretrained_cfg_overlay=dict(file='/path/to/checkpoint.pth'); no weights are downloaded")
+                         "pretrained_cfg_overlay=dict(file='/path/to/checkpoint.pth'); "
+                         'no weights are downloaded')
     if layer_scale is None:
         layer_scale = depth == 24
     kwargs.setdefault('masked_heads', 'sch2' if depth == 24 else 'sch1')
