@@ -16,13 +16,22 @@ Modes (how a non-neighbour logit ``s = q.k / sqrt(d)`` enters the softmax):
 """
 from __future__ import annotations
 
-import math
+import importlib.util
+import os
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 MODES = ('hard', 'soft', 'strict')
+BACKENDS = ('auto', 'torch', 'triton')
+
+# 'auto' picks the fused Triton kernels for hard/strict heads on CUDA tensors; this variable,
+# read once at import, turns that off ('torch') without touching code.
+_BACKEND_ENV = 'HMAIT_MASKED_ATTENTION_BACKEND'
+_ENV_BACKEND = os.environ.get(_BACKEND_ENV, 'auto')
+# Checked without importing triton, so CPU-only users never load it.
+_TRITON_AVAILABLE = importlib.util.find_spec('triton') is not None
 
 # Soft mode works on query chunks so that no (N, N) tensor is ever alive; this bounds the
 # number of float32 logits per chunk (about 64 MiB).
@@ -169,14 +178,21 @@ def _soft_chunked(q, k, v, h, w, mask_size, alpha, num_prefix_tokens, scale):
     return torch.cat(outs, dim=2)
 
 
+def _valid_with_prefix(valid: torch.Tensor, p: int) -> torch.Tensor:
+    """(R^2, h, w) offset validity -> (h, w, R^2 + p), prefix keys always valid."""
+    valid = valid.permute(1, 2, 0)
+    return torch.cat([valid, valid.new_ones(*valid.shape[:2], p)], dim=-1) if p else valid
+
+
 def _local_grid_attention(q, k, v, h, w, mask_size, mode, num_prefix_tokens, scale):
     """Hard or strict masked attention in O(N * mask_size^2 * d), without any (N, N) tensor.
 
     Keys and values are zero-padded once; each of the mask_size^2 neighbour offsets is a shifted
-    view, so the neighbour logits are element-wise products. Hard mode uses the exact linear
-    form of Eq. 2: every non-neighbour has logit 0, so together they add ``exp(-m)`` times their
-    count to the denominator and ``exp(-m)`` times the sum of their values to the numerator,
-    and that sum is the total value sum minus the neighbours' sum.
+    view, so the neighbour logits are row-wise dot products. Hard mode uses the exact linear form
+    of Eq. 2: every non-neighbour has logit 0, so together they add ``c = exp(-m)`` times their
+    count to the denominator and ``c`` times their value sum to the numerator. That sum is the
+    total value sum minus the neighbours', so the numerator is
+    ``sum_j (w_j - c) v_j + c * sum_all v`` over the neighbours j alone (padding has v = 0).
     """
     out_dtype = q.dtype
     dtype = _compute_dtype(q)
@@ -194,11 +210,14 @@ def _local_grid_attention(q, k, v, h, w, mask_size, mode, num_prefix_tokens, sca
     valid = torch.stack([ones[di:di + h, dj:dj + w] for di, dj in offsets])
 
     # Neighbour logits (B, heads, h, w, R^2 + P): grid neighbours, then the prefix tokens.
-    logits = [(q_grid * k_pad[:, :, di:di + h, dj:dj + w]).sum(-1) for di, dj in offsets]
-    logits = torch.stack(logits, dim=-1).masked_fill(~valid.permute(1, 2, 0), float('-inf'))
+    # vecdot fuses the product and the reduction: no (B, heads, h, w, d) temporary per offset.
+    logits = [torch.linalg.vecdot(q_grid, k_pad[:, :, di:di + h, dj:dj + w]) for di, dj in offsets]
+    logits = torch.stack(logits, dim=-1)
     if p:
         prefix_logits = q_grid.reshape(b, heads, h * w, d) @ k[:, :, :p].transpose(-2, -1)
         logits = torch.cat([logits, prefix_logits.reshape(b, heads, h, w, p)], dim=-1)
+    # Padding offsets become -inf.
+    logits = logits.masked_fill(~_valid_with_prefix(valid, p), float('-inf'))
 
     num_neighbours = valid.sum(0) + p                            # (h, w)
     num_outside = (p + h * w) - num_neighbours                    # (h, w)
@@ -209,20 +228,22 @@ def _local_grid_attention(q, k, v, h, w, mask_size, mode, num_prefix_tokens, sca
     m = m.detach()  # The stabiliser cancels out of the softmax; no gradient needs to flow through it.
     weights = torch.exp(logits - m)                               # (B, heads, h, w, R^2 + P)
     denom = weights.sum(-1, keepdim=True)
-
-    numer = sum(weights[..., i, None] * v_pad[:, :, di:di + h, dj:dj + w] for i, (di, dj) in enumerate(offsets))
-    if p:
-        v_prefix = v[:, :, :p]
-        numer = numer + (weights[..., len(offsets):].reshape(b, heads, h * w, p) @ v_prefix).reshape_as(numer)
     if mode == 'hard':
         # Where every token is a neighbour there is no outside mass (and exp(-m) may overflow).
         outside_weight = torch.exp(-m).masked_fill((num_outside == 0)[..., None], 0.0)  # (B, heads, h, w, 1)
-        neighbour_v = sum(v_pad[:, :, di:di + h, dj:dj + w] for di, dj in offsets)
-        total_v = v.sum(dim=2)[:, :, None, None]                  # (B, heads, 1, 1, d_v)
-        if p:
-            neighbour_v = neighbour_v + v_prefix.sum(dim=2)[:, :, None, None]
-        numer = numer + outside_weight * (total_v - neighbour_v)
         denom = denom + outside_weight * num_outside.to(dtype)[..., None]
+        weights = weights - outside_weight
+
+    # In-place accumulation of the shifted value views: one output-sized buffer for all offsets.
+    (di, dj), rest = offsets[0], offsets[1:]
+    numer = weights[..., 0, None] * v_pad[:, :, di:di + h, dj:dj + w]
+    for i, (di, dj) in enumerate(rest, start=1):
+        numer.addcmul_(weights[..., i, None], v_pad[:, :, di:di + h, dj:dj + w])
+    if p:
+        prefix_numer = weights[..., len(offsets):].reshape(b, heads, h * w, p) @ v[:, :, :p]
+        numer = numer + prefix_numer.reshape_as(numer)
+    if mode == 'hard':
+        numer = numer + outside_weight * v.sum(dim=2)[:, :, None, None]
     grid_out = (numer / denom).reshape(b, heads, h * w, -1)
 
     if p:
@@ -232,9 +253,41 @@ def _local_grid_attention(q, k, v, h, w, mask_size, mode, num_prefix_tokens, sca
     return grid_out.to(out_dtype)
 
 
+def _triton_local_attention(q, k, v, h, w, mask_size, mode, num_prefix_tokens, scale):
+    """Hard or strict masked attention with the grid queries in the fused Triton kernels."""
+    from .triton_masked import triton_grid_attention  # imported lazily: triton is optional
+
+    p = num_prefix_tokens
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    grid_out = triton_grid_attention(q[:, :, p:], k, v, h, w, p, mask_size, mode, scale)
+    if p:
+        # Prefix queries attend to every token: plain attention over p rows.
+        prefix_out = F.scaled_dot_product_attention(q[:, :, :p], k, v, scale=scale)
+        grid_out = torch.cat([prefix_out.to(grid_out.dtype), grid_out], dim=2)
+    return grid_out
+
+
+def _use_triton(q: torch.Tensor, v_dim: int, mode: str, backend: str) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
+    if backend == 'auto':
+        backend = _ENV_BACKEND
+        if backend not in BACKENDS:
+            raise ValueError(f'the environment variable {_BACKEND_ENV} must be one of {BACKENDS}, '
+                             f'got {backend!r}')
+    if backend == 'triton':
+        if mode == 'soft':
+            raise ValueError("backend='triton' implements mode 'hard' and 'strict'; "
+                             "use backend 'auto' or 'torch' for mode 'soft'")
+        return True
+    return (backend == 'auto' and mode != 'soft' and q.is_cuda and _TRITON_AVAILABLE
+            and max(q.shape[-1], v_dim) <= 256  # triton_masked.MAX_HEAD_DIM (importing it would load triton)
+            and q.dtype in (torch.float32, torch.float16, torch.bfloat16))
+
+
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw, mask_size: int = 3,
                      mode: str = 'hard', alpha: torch.Tensor | None = None, num_prefix_tokens: int = 0,
-                     scale: float | None = None) -> torch.Tensor:
+                     scale: float | None = None, backend: str = 'auto') -> torch.Tensor:
     """Masked attention (paper Eq. 2) without materialising the ``(N, N)`` attention map.
 
     Same arguments and result as :func:`dense_masked_attention`:
@@ -242,8 +295,15 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw, mask
 
     Hard and strict modes cost O(N * mask_size^2 * d) time and memory; soft mode is inherently
     global (every logit is kept, scaled by alpha) and runs in bounded-memory query chunks.
+
+    ``backend``: 'torch' is the portable PyTorch path; 'triton' the fused kernels (hard and strict;
+    CPU tensors only under ``TRITON_INTERPRET=1``); 'auto' uses the kernels for hard and strict
+    heads on CUDA when triton is installed, unless ``HMAIT_MASKED_ATTENTION_BACKEND=torch`` was set
+    when hmait was imported.
     """
     h, w = _validate(q, k, v, hw, mask_size, mode, alpha, num_prefix_tokens)
+    if _use_triton(q, v.shape[-1], mode, backend):
+        return _triton_local_attention(q, k, v, h, w, mask_size, mode, num_prefix_tokens, scale)
     if mode == 'soft':
         return _soft_chunked(q, k, v, h, w, mask_size, alpha, num_prefix_tokens, scale)
     return _local_grid_attention(q, k, v, h, w, mask_size, mode, num_prefix_tokens, scale)
