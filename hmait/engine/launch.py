@@ -1,0 +1,183 @@
+"""What ``tools/train.py`` and ``tools/test.py`` do: argument parsing, config preparation, Runner.
+
+One entry point serves classification, detection and segmentation configs: the config's
+``default_scope`` picks the registries, and detection/segmentation configs pull in mmdet/mmseg
+through ``custom_imports``, so nothing here imports them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import os.path as osp
+import subprocess
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from mmengine.config import Config, ConfigDict, DictAction
+from mmengine.logging import print_log
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner
+
+from .checkpoint import ATOMIC_BACKEND, find_resume_checkpoint
+
+LAUNCHERS = ('none', 'pytorch', 'slurm')
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--work-dir', help='folder for logs and checkpoints (default: ./work_dirs/<config name>)')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE',
+                        help='override config entries, e.g. train_cfg.max_epochs=2 model.num_classes=10')
+    parser.add_argument('--launcher', choices=LAUNCHERS, default='none',
+                        help="'pytorch' under torchrun (tools/dist_train.sh), 'slurm' under srun")
+    # torch.distributed.launch passes --local-rank; torchrun sets LOCAL_RANK instead.
+    parser.add_argument('--local-rank', '--local_rank', type=int, default=0, help=argparse.SUPPRESS)
+
+
+def parse_train_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description='Train a model with an mmengine config (classification, '
+                                                 'detection or segmentation).')
+    parser.add_argument('config', help='config file')
+    parser.add_argument('--resume', nargs='?', const='auto', metavar='CHECKPOINT',
+                        help='resume training: from CHECKPOINT, or without a value from the latest checkpoint '
+                             'in the work dir')
+    parser.add_argument('--amp', action='store_true', help='automatic mixed precision (needs a GPU)')
+    parser.add_argument('--auto-scale-lr', action='store_true',
+                        help='scale the learning rate linearly with the total batch size (auto_scale_lr)')
+    _add_common(parser)
+    return parser.parse_args(argv)
+
+
+def parse_test_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description='Evaluate a checkpoint with an mmengine config.')
+    parser.add_argument('config', help='config file')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    _add_common(parser)
+    return parser.parse_args(argv)
+
+
+def _slurm_env() -> None:
+    """RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from srun's variables."""
+    missing = [v for v in ('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_LOCALID', 'SLURM_NODELIST') if v not in os.environ]
+    if missing:
+        raise RuntimeError(f'--launcher slurm needs to run under srun; missing environment variables: {missing}')
+    os.environ.setdefault('RANK', os.environ['SLURM_PROCID'])
+    os.environ.setdefault('WORLD_SIZE', os.environ['SLURM_NTASKS'])
+    os.environ.setdefault('LOCAL_RANK', os.environ['SLURM_LOCALID'])
+    os.environ.setdefault('MASTER_PORT', '29500')
+    if 'MASTER_ADDR' not in os.environ:
+        hosts = subprocess.run(['scontrol', 'show', 'hostnames', os.environ['SLURM_NODELIST']], check=True,
+                               capture_output=True, text=True).stdout.split()
+        os.environ['MASTER_ADDR'] = hosts[0]
+
+
+def _replace_sync_bn(node) -> int:
+    """Replace ``type='SyncBN'`` norm configs by ``'BN'`` in place; returns how many were replaced."""
+    count = 0
+    if isinstance(node, dict):
+        if node.get('type') in ('SyncBN', 'MMSyncBN'):
+            node['type'] = 'BN'
+            count += 1
+        for value in node.values():
+            count += _replace_sync_bn(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            count += _replace_sync_bn(value)
+    return count
+
+
+def prepare_cpu(cfg: Config, launcher: str) -> None:
+    """Adapt a config to a machine without CUDA: BN for SyncBN; gloo and CPU DDP when distributed.
+
+    mmengine's distributed set-up assumes CUDA (it calls ``torch.cuda.set_device``). Creating the
+    gloo process group first makes the Runner skip it; DDP needs ``device_ids=None`` for CPU modules.
+    """
+    if torch.cuda.is_available():
+        return
+    if 'model' in cfg and _replace_sync_bn(cfg.model):
+        print_log('no CUDA device: SyncBN layers in the model config replaced by BN', logger='current')
+    if launcher == 'none':
+        return
+    if launcher == 'slurm':
+        _slurm_env()
+    missing = [v for v in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT') if v not in os.environ]
+    if missing:
+        raise RuntimeError(f'--launcher {launcher} needs the torch.distributed environment variables {missing}; '
+                           'start with torchrun (tools/dist_train.sh) or srun (tools/slurm_train.sh)')
+    if not dist.is_initialized():
+        dist.init_process_group('gloo')
+    cfg.setdefault('env_cfg', ConfigDict())
+    cfg.env_cfg.setdefault('dist_cfg', ConfigDict())
+    cfg.env_cfg.dist_cfg.backend = 'gloo'
+    wrapper = cfg.get('model_wrapper_cfg') or ConfigDict(type='MMDistributedDataParallel')
+    wrapper.device_ids = None
+    cfg.model_wrapper_cfg = wrapper
+
+
+def load_config(config: str, cfg_options: dict | None, work_dir: str | None, launcher: str) -> Config:
+    if not osp.isfile(config):
+        raise FileNotFoundError(f'config file not found: {config}')
+    cfg = Config.fromfile(config)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    cfg.launcher = launcher
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(config))[0])
+    # Crash-safe checkpoint writes unless the config chose a storage backend itself.
+    checkpoint_hook = cfg.get('default_hooks', {}).get('checkpoint')
+    if checkpoint_hook is not None and not checkpoint_hook.get('backend_args'):
+        checkpoint_hook.backend_args = dict(backend=ATOMIC_BACKEND)
+    prepare_cpu(cfg, launcher)
+    threads = cfg.get('cpu_threads')
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f'cpu_threads must be a positive integer (torch intra-op threads), got {threads!r}')
+        # On a few shared cores, OpenMP threads that wait for each other (and for the data workers)
+        # cost far more CPU time than they save: the 2-core demo runs several times faster with 1.
+        torch.set_num_threads(threads)
+    return cfg
+
+
+def _build_runner(cfg: Config) -> Runner:
+    return RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
+
+
+def train(argv: Sequence[str] | None = None) -> None:
+    """``tools/train.py``: parse arguments, prepare the config, run ``Runner.train``."""
+    args = parse_train_args(argv)
+    cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
+    if args.amp:
+        if not torch.cuda.is_available():
+            raise RuntimeError('--amp needs a CUDA GPU: mmengine\'s AmpOptimWrapper does not run on CPU')
+        if cfg.optim_wrapper.get('type', 'OptimWrapper') != 'AmpOptimWrapper':
+            cfg.optim_wrapper.type = 'AmpOptimWrapper'
+            cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+    if args.auto_scale_lr:
+        if 'auto_scale_lr' not in cfg or 'base_batch_size' not in cfg.auto_scale_lr:
+            raise ValueError('--auto-scale-lr needs auto_scale_lr=dict(base_batch_size=N) in the config')
+        cfg.auto_scale_lr.enable = True
+    if args.resume == 'auto':
+        latest = find_resume_checkpoint(cfg.work_dir)
+        cfg.resume = latest is not None
+        cfg.load_from = latest
+        if latest is None:
+            print_log(f'--resume: no checkpoint in {cfg.work_dir}, starting from scratch', logger='current')
+    elif args.resume is not None:
+        if not osp.isfile(args.resume):
+            raise FileNotFoundError(f'--resume checkpoint not found: {args.resume}')
+        cfg.resume = True
+        cfg.load_from = args.resume
+    _build_runner(cfg).train()
+
+
+def test(argv: Sequence[str] | None = None) -> dict:
+    """``tools/test.py``: evaluate CHECKPOINT on the config's test set; returns the metrics."""
+    args = parse_test_args(argv)
+    if not osp.isfile(args.checkpoint):
+        raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
+    cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
+    cfg.load_from = args.checkpoint
+    cfg.resume = False
+    return _build_runner(cfg).test()
