@@ -1,0 +1,49 @@
+# Cascade Mask R-CNN with an H-MaiT-T backbone, 3x multi-scale-crop schedule on COCO.
+# Swin's cascade recipe (4conv1fc box heads with GIoU loss, DETR-style multi-scale crop, 36 epochs)
+# ships in mmdet as its ConvNeXt-T cascade config; it is inherited and the backbone swapped.
+_base_ = 'mmdet::convnext/cascade-mask-rcnn_convnext-t-p4-w7_fpn_4conv1fc-giou_amp-ms-crop-3x_coco.py'
+
+# Replaces the base's mmpretrain import: H-MaiT needs only hmait.
+custom_imports = dict(imports=['hmait', 'hmait.mm.det'], allow_failed_imports=False)
+
+pretrained = 'checkpoints/hmait_t_imagenet.pth'
+
+model = dict(
+    backbone=dict(
+        _delete_=True,
+        type='HMaiT',
+        embed_dims=96,
+        depths=[2, 2, 6, 2],
+        num_heads=[3, 6, 12, 24],
+        masked_heads=[3, 6, 4, 0],
+        mask_size=3,
+        mask_mode='hard',
+        mlp_ratio=4,
+        qkv_bias=True,
+        qk_scale=None,
+        drop_rate=0.,
+        attn_drop_rate=0.,
+        drop_path_rate=0.2,
+        patch_norm=True,
+        out_indices=(0, 1, 2, 3),
+        with_cp=False,
+        convert_weights=False,
+        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
+    neck=dict(in_channels=[96, 192, 384, 768]))
+
+train_dataloader = dict(dataset=dict(type='CheckedCocoDataset'))
+val_dataloader = dict(dataset=dict(type='CheckedCocoDataset'))
+test_dataloader = val_dataloader
+
+# Swin's optimiser (AdamW lr 1e-4, weight decay 0.05, full precision) instead of the ConvNeXt
+# layer-wise decay and mixed precision of the base.
+optim_wrapper = dict(
+    _delete_=True,
+    type='OptimWrapper',
+    optimizer=dict(type='AdamW', lr=0.0001, betas=(0.9, 0.999), weight_decay=0.05),
+    paramwise_cfg=dict(
+        custom_keys={
+            'absolute_pos_embed': dict(decay_mult=0.),
+            'soft_mask_logit': dict(decay_mult=0.),
+            'norm': dict(decay_mult=0.)
+        }))

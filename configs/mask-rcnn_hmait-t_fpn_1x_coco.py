@@ -1,0 +1,49 @@
+# Mask R-CNN with an H-MaiT-T backbone, 1x schedule (12 epochs) on COCO: mmdet's Swin-T recipe
+# with the backbone swapped. Everything else (heads, data, schedule, runtime) is inherited from mmdet.
+_base_ = 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'
+
+# `hmait` registers the HMaiT backbone; `hmait.mm.det` registers CheckedCocoDataset, which turns
+# bad annotation files, missing images and unknown category ids into errors naming the file.
+custom_imports = dict(imports=['hmait', 'hmait.mm.det'], allow_failed_imports=False)
+
+# ImageNet-1k H-MaiT-T weights saved by tools/train.py (classification), relative to the working
+# directory. A missing file stops training with an error naming this path.
+pretrained = 'checkpoints/hmait_t_imagenet.pth'
+
+model = dict(
+    backbone=dict(
+        _delete_=True,
+        type='HMaiT',
+        embed_dims=96,
+        depths=[2, 2, 6, 2],
+        num_heads=[3, 6, 12, 24],
+        masked_heads=[3, 6, 4, 0],  # paper section 5.4: masked heads per stage, the rest global
+        mask_size=3,
+        mask_mode='hard',
+        mlp_ratio=4,
+        qkv_bias=True,
+        qk_scale=None,
+        drop_rate=0.,
+        attn_drop_rate=0.,
+        drop_path_rate=0.2,
+        patch_norm=True,
+        out_indices=(0, 1, 2, 3),
+        with_cp=False,
+        convert_weights=False,
+        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
+    neck=dict(in_channels=[96, 192, 384, 768]))
+
+train_dataloader = dict(dataset=dict(type='CheckedCocoDataset'))
+val_dataloader = dict(dataset=dict(type='CheckedCocoDataset'))
+test_dataloader = val_dataloader
+
+# AdamW lr 1e-4, weight decay 0.05 (inherited), none on norms, the position embedding and the
+# soft-masking factors (per-head scalars, like Swin's relative position tables).
+optim_wrapper = dict(
+    paramwise_cfg=dict(
+        _delete_=True,
+        custom_keys={
+            'absolute_pos_embed': dict(decay_mult=0.),
+            'soft_mask_logit': dict(decay_mult=0.),
+            'norm': dict(decay_mult=0.)
+        }))

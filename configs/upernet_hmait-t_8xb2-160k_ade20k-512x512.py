@@ -1,0 +1,54 @@
+# UperNet with an H-MaiT-T backbone on ADE20K, 512x512 crops, 160k iterations at 8 GPUs x 2 images:
+# mmseg's Swin-T UperNet recipe (AdamW lr 6e-5, linear warm-up for 1500 iterations, then poly
+# decay; stochastic depth 0.3) with the backbone swapped.
+_base_ = 'mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py'
+
+# `hmait.mm.seg` registers CheckedADE20KDataset, which rejects missing images/label maps and label
+# values outside the class range with an error naming the file.
+custom_imports = dict(imports=['hmait', 'hmait.mm.seg'], allow_failed_imports=False)
+
+# ImageNet-1k H-MaiT-T weights (see docs/model_zoo.md); a missing file is an error naming it.
+pretrained = 'checkpoints/hmait_t_imagenet.pth'
+
+model = dict(
+    backbone=dict(
+        _delete_=True,
+        type='HMaiT',
+        pretrain_img_size=224,
+        embed_dims=96,
+        patch_size=4,
+        depths=[2, 2, 6, 2],
+        num_heads=[3, 6, 12, 24],
+        masked_heads=[3, 6, 4, 0],
+        mask_size=3,
+        mask_mode='hard',
+        mlp_ratio=4,
+        strides=(4, 2, 2, 2),
+        out_indices=(0, 1, 2, 3),
+        qkv_bias=True,
+        qk_scale=None,
+        patch_norm=True,
+        drop_rate=0.,
+        attn_drop_rate=0.,
+        drop_path_rate=0.3,
+        use_abs_pos_embed=False,
+        act_cfg=dict(type='GELU'),
+        norm_cfg=dict(type='LN'),
+        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
+    decode_head=dict(in_channels=[96, 192, 384, 768], num_classes=150),
+    auxiliary_head=dict(in_channels=384, num_classes=150))
+
+train_dataloader = dict(dataset=dict(type='CheckedADE20KDataset'))
+val_dataloader = dict(dataset=dict(type='CheckedADE20KDataset'))
+test_dataloader = val_dataloader
+
+# Inherited: AdamW lr 6e-5, weight decay 0.01, LinearLR warm-up 1500 iterations then PolyLR.
+# No weight decay on norms, the position embedding and the soft-masking factors.
+optim_wrapper = dict(
+    paramwise_cfg=dict(
+        _delete_=True,
+        custom_keys={
+            'absolute_pos_embed': dict(decay_mult=0.),
+            'soft_mask_logit': dict(decay_mult=0.),
+            'norm': dict(decay_mult=0.)
+        }))

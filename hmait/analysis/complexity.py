@@ -1,0 +1,193 @@
+"""Parameters and multiply-accumulates (MACs) of H-MaiT models, with attention counted analytically.
+
+Convention (Swin's, mmdet's and fvcore's): one multiply-accumulate counts as one "FLOP", so the
+figures compare directly with the FLOPs published for Swin and in the MaiT paper.
+
+Everything except attention is counted by mmengine's jit-based ``FlopAnalyzer`` (convolutions,
+linears, matmuls, norms). Attention is replaced by the paper's Table 1 count, per block and image:
+
+* global head: ``2 N^2 d`` (``q k^T`` and ``A v``),
+* masked head, 'hard' or 'strict': ``2 R^2 N d`` (R = mask_size), linear in N,
+* masked head, 'soft': ``2 N^2 d``, since every non-neighbour logit ``alpha q k^T`` is needed,
+
+with N tokens of the stage and d the head dimension. The tracer cannot be trusted with the
+attention core: it does not count ``scaled_dot_product_attention`` and sees only parts of the
+shifted multiply-adds of the masked heads, so whatever it counted inside each attention module
+(minus its qkv and proj linears) is subtracted and the analytic figure added instead.
+
+The model-from-config helpers import mmdet or mmseg only through mmengine's registry scope
+(``init_default_scope``), never at import time, so the core package stays importable without them.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+from mmengine.analysis import FlopAnalyzer, parameter_count
+
+from ..models.layers import MaskedMultiheadAttention
+
+
+def attention_macs(num_tokens: int, head_dim: int, num_heads: int, num_masked_heads: int = 0,
+                   mask_size: int = 3, mode: str = 'hard') -> int:
+    """Multiply-accumulates of one attention core (no qkv / proj linears) for one image (Table 1)."""
+    global_cost = 2 * num_tokens * num_tokens * head_dim
+    masked_cost = global_cost if mode == 'soft' else 2 * mask_size ** 2 * num_tokens * head_dim
+    return num_masked_heads * masked_cost + (num_heads - num_masked_heads) * global_cost
+
+
+@dataclass
+class ComplexityReport:
+    """What :func:`count_complexity` measured. MACs are for the whole input batch."""
+
+    params: int
+    macs: int
+    traced_macs: int
+    attention_traced_macs: int
+    attention_analytic_macs: int
+    by_module: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out.pop('by_module')
+        return out
+
+
+def _attention_tokens(model: nn.Module, inputs: tuple) -> dict[str, tuple[int, int, int]]:
+    """Run ``model`` once and record (batch, tokens, grid tokens) seen by every masked attention module."""
+    seen: dict[str, tuple[int, int, int]] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, MaskedMultiheadAttention):
+            def hook(mod, args, _name=name):
+                x, hw = args[0], args[1]
+                seen[_name] = (x.shape[0], x.shape[1], int(hw[0]) * int(hw[1]))
+            handles.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def count_complexity(model: nn.Module, inputs: torch.Tensor | tuple) -> ComplexityReport:
+    """Parameters and MACs of ``model(*inputs)`` in eval mode, attention counted per paper Table 1.
+
+    ``model`` must return tensors (or tuples/lists of them) so that it can be traced.
+    """
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    was_training = model.training
+    model.eval()
+    try:
+        tokens = _attention_tokens(model, inputs)
+        analyzer = FlopAnalyzer(model, inputs)
+        analyzer.unsupported_ops_warnings(False)
+        analyzer.uncalled_modules_warnings(False)
+        analyzer.tracer_warnings('none')
+        by_module = dict(analyzer.by_module())
+        traced = int(analyzer.total())
+    finally:
+        model.train(was_training)
+    modules = dict(model.named_modules())
+    attention_traced = attention_analytic = 0
+    for name, (batch, num_tokens, _) in tokens.items():
+        attn = modules[name]
+        core = by_module.get(name, 0) - by_module.get(f'{name}.qkv', 0) - by_module.get(f'{name}.proj', 0)
+        attention_traced += core
+        attention_analytic += batch * attention_macs(num_tokens, attn.head_dim, attn.num_heads,
+                                                     attn.num_masked_heads, attn.mask_size, attn.mode)
+    params = int(parameter_count(model)[''])
+    return ComplexityReport(params=params, macs=traced - attention_traced + attention_analytic,
+                            traced_macs=traced, attention_traced_macs=attention_traced,
+                            attention_analytic_macs=attention_analytic, by_module=by_module)
+
+
+class _TensorForward(nn.Module):
+    """Calls an OpenMMLab model in 'tensor' mode with fixed data samples, so the tracer sees ``f(x)``."""
+
+    def __init__(self, model: nn.Module, data_samples: list | None):
+        super().__init__()
+        self.model = model
+        self.data_samples = data_samples
+
+    def forward(self, x: torch.Tensor):
+        return self.model(x, self.data_samples, mode='tensor')
+
+
+def _image_metas(height: int, width: int) -> list:
+    # mmdet's heads read only ``.metainfo`` of their data samples in tensor mode; mmengine's base
+    # element provides that without importing mmdet here.
+    from mmengine.structures import BaseDataElement
+
+    meta = dict(img_shape=(height, width), ori_shape=(height, width), pad_shape=(height, width),
+                batch_input_shape=(height, width), scale_factor=(1., 1.))
+    return [BaseDataElement(metainfo=meta)]
+
+
+def build_model_from_config(config: str, cfg_options: dict | None = None) -> tuple[nn.Module, str]:
+    """Build ``cfg.model`` of an mmengine config on CPU, without pretrained weights, SyncBN reverted.
+
+    ``config`` is a file or a package config such as ``'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'``.
+    Returns (model, default_scope). The config's ``custom_imports`` are imported by mmengine.
+    """
+    from mmengine.config import Config
+    from mmengine.model import revert_sync_batchnorm
+    from mmengine.registry import MODELS, init_default_scope
+
+    if '::' in config:  # 'mmdet::swin/...': a config shipped inside an installed package
+        from mmengine.hub import get_config
+        cfg = get_config(config)
+    else:
+        cfg = Config.fromfile(config)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    scope = cfg.get('default_scope', 'mmengine')
+    init_default_scope(scope)
+    backbone = cfg.model.get('backbone')
+    if backbone is not None:
+        backbone.pop('init_cfg', None)  # counting needs no weights, and none may be downloaded
+        backbone.pop('pretrained', None)
+    model = revert_sync_batchnorm(MODELS.build(cfg.model))
+    return model.eval(), scope
+
+
+def count_config_complexity(config: str, shape: Sequence[int], cfg_options: dict | None = None,
+                            backbone_only: bool = False) -> tuple[ComplexityReport, ComplexityReport | None]:
+    """Complexity of the model of an mmdet/mmseg config (or its backbone alone) on one ``(H, W)`` image.
+
+    Returns (model report, backbone report); the backbone report is None for ``backbone_only``,
+    where the first report is the backbone's. Runs on CPU.
+    """
+    height, width = _check_shape(shape)
+    model, _ = build_model_from_config(config, cfg_options)
+    x = torch.zeros(1, 3, height, width)
+    backbone = getattr(model, 'backbone', None)
+    if backbone_only:
+        if backbone is None:
+            raise ValueError(f'{config}: the model has no backbone to count')
+        return count_complexity(backbone, x), None
+    wrapped = _TensorForward(model, _image_metas(height, width))
+    report = count_complexity(wrapped, x)
+    report.by_module = {k.removeprefix('model.'): v for k, v in report.by_module.items()}
+    return report, (count_complexity(backbone, x) if backbone is not None else None)
+
+
+def _check_shape(shape: Sequence[int]) -> tuple[int, int]:
+    shape = tuple(shape)
+    if len(shape) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in shape):
+        raise ValueError(f'shape must be (height, width) in pixels, got {shape!r}')
+    return shape
+
+
+def format_count(value: int) -> str:
+    """Human-readable count: 28.3M, 4.51G."""
+    if value <= 0:
+        return '0'
+    units = ('', 'K', 'M', 'G', 'T')
+    power = min(int(math.log10(value) // 3), len(units) - 1)
+    return f'{value / 1000 ** power:.3g}{units[power]}'

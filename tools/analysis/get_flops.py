@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""Parameters and FLOPs (multiply-accumulates, Swin's convention) of a config's model or a timm model.
+
+    python tools/analysis/get_flops.py CONFIG [--shape H W] [--backbone-only] [--cfg-options K=V ...]
+    python tools/analysis/get_flops.py --timm-model hmait_tiny [--shape 224 224]
+                                       [--json OUT.json]
+
+Attention is counted analytically (MaiT paper, Table 1): 2 N^2 d per global head, 2 R^2 N d per
+masked head; everything else by mmengine's FlopAnalyzer. See hmait/analysis/complexity.py.
+"""
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
+
+from mmengine.config import DictAction  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('config', nargs='?', help='mmengine config (mmdet / mmseg / classification)')
+    parser.add_argument('--timm-model', help='count a timm model by name instead, e.g. hmait_tiny')
+    parser.add_argument('--shape', type=int, nargs=2, metavar=('H', 'W'),
+                        help='input height and width (default 224 224 for timm models, 800 1280 for configs)')
+    parser.add_argument('--backbone-only', action='store_true', help='count model.backbone only')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE',
+                        help='override config entries')
+    parser.add_argument('--json', help='also write the numbers to this JSON file')
+    args = parser.parse_args(argv)
+    if (args.config is None) == (args.timm_model is None):
+        parser.error('give either CONFIG or --timm-model NAME')
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import torch
+
+    from hmait.analysis.complexity import count_complexity, count_config_complexity, format_count
+
+    rows = {}
+    if args.timm_model:
+        import timm
+
+        import hmait  # noqa: F401  (registers the hmait_* timm models)
+        shape = tuple(args.shape or (224, 224))
+        model = timm.create_model(args.timm_model)
+        rows[args.timm_model] = count_complexity(model, torch.zeros(1, 3, *shape))
+        name = args.timm_model
+    else:
+        shape = tuple(args.shape or (800, 1280))
+        model_report, backbone_report = count_config_complexity(args.config, shape, args.cfg_options,
+                                                                args.backbone_only)
+        name = Path(args.config).stem
+        rows['backbone' if args.backbone_only else 'model'] = model_report
+        if backbone_report is not None:
+            rows['backbone'] = backbone_report
+    print(f'{name} at input {shape[0]}x{shape[1]} (FLOPs = multiply-accumulates; attention analytic)')
+    header = ('part', 'params', 'FLOPs', 'traced', 'attn(traced)', 'attn(analytic)')
+    print(f'{header[0]:<10}' + ''.join(f'{h:>15}' for h in header[1:]))
+    for part, r in rows.items():
+        values = (r.params, r.macs, r.traced_macs, r.attention_traced_macs, r.attention_analytic_macs)
+        print(f'{part:<10}' + ''.join(f'{format_count(v):>15}' for v in values))
+    if args.json:
+        record = dict(name=name, shape=list(shape), command=' '.join(sys.argv), torch=torch.__version__,
+                      machine=platform.machine(), processor=platform.processor() or platform.machine(),
+                      **{part: r.as_dict() for part, r in rows.items()})
+        Path(args.json).write_text(json.dumps(record, indent=2))
+
+
+if __name__ == '__main__':
+    main()
