@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""Throughput (images/s) and peak memory of H-MaiT against timm's Swin, measured alternately.
+
+    python tools/analysis/benchmark.py [--out-dir DIR] [--device cuda|cpu] [--models M ...]
+                                       [--modes inference train] [--precisions fp32 bf16]
+                                       [--compile eager compile] [--batch N] [--resolution PX]
+                                       [--sweep PX ...] [--sweep-inference PX ...] [--sweep-batch N]
+                                       [--warmup N] [--iters N] [--reps N] [--threads N]
+
+With a GPU and no options it runs the whole GPU table: H-MaiT-T/S and Swin-T/S, batch 64 at
+224 px, inference and training, fp32 and bf16 autocast, eager and torch.compile, then a sweep
+over 224..1024 px (2048 px for inference) at batch 8. Without a GPU the default is a small CPU
+run (tiny models, batch 8, fp32, eager, no sweep); options widen it.
+
+Prints a markdown table with the H-MaiT / Swin ratios and writes benchmark.json (hardware,
+versions, command, every repetition) and, for a sweep, benchmark.png to --out-dir.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--out-dir', default='work_dirs/benchmark', help='where the JSON and PNG go')
+    parser.add_argument('--device', help='cuda or cpu (default: cuda when available)')
+    parser.add_argument('--models', nargs='+',
+                        help='timm model names (default: H-MaiT-T/S and Swin-T/S on GPU, '
+                        'the tiny pair on CPU)')
+    parser.add_argument('--modes', nargs='+', choices=('inference', 'train'))
+    parser.add_argument('--precisions', nargs='+', choices=('fp32', 'bf16'), help='bf16 = autocast')
+    parser.add_argument('--compile', nargs='+', choices=('eager', 'compile'), dest='compile_modes')
+    parser.add_argument('--batch', type=int)
+    parser.add_argument('--resolution', type=int, help='resolution of the main comparison (default 224)')
+    parser.add_argument('--sweep', nargs='*', type=int, dest='sweep_resolutions', metavar='PX',
+                        help='resolutions of the sweep (inference and training); give no value for none')
+    parser.add_argument('--sweep-inference', nargs='*', type=int, dest='sweep_inference_only',
+                        metavar='PX',
+                        help='extra sweep resolutions for inference only (GPU default: 2048)')
+    parser.add_argument('--sweep-batch', type=int)
+    parser.add_argument('--sweep-modes', nargs='+', choices=('inference', 'train'))
+    parser.add_argument('--warmup', type=int, help='warm-up iterations per model and setting')
+    parser.add_argument('--iters', type=int, help='timed iterations per repetition')
+    parser.add_argument('--reps', type=int, help='repetitions; models alternate within each')
+    parser.add_argument('--kernel', action=argparse.BooleanOptionalAction, default=None,
+                        help='also time the masked-head kernels at stage-1 shapes against the PyTorch '
+                        'path and report memory bandwidth (CUDA only; on by default there)')
+    parser.add_argument('--threads', type=int, help="torch CPU threads (default: torch's choice)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import torch
+
+    from hmait.analysis.benchmark import (
+        default_plan,
+        kernel_bandwidth,
+        kernel_table,
+        markdown_table,
+        run_benchmark,
+        write_report,
+    )
+
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit('--device cuda: no CUDA device is available; use --device cpu')
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    plan = default_plan(device)
+    for name in ('models', 'modes', 'precisions', 'compile_modes', 'batch', 'resolution', 'sweep_resolutions',
+                 'sweep_inference_only', 'sweep_batch', 'sweep_modes', 'warmup', 'iters', 'reps', 'kernel'):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(plan, name, value)
+    if plan.kernel and device.type != 'cuda':
+        raise SystemExit('--kernel: the kernel timing needs a CUDA device')
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        measurements = run_benchmark(plan, device, log=log)
+    except ValueError as exc:
+        raise SystemExit(f'benchmark: {exc}') from None
+    kernel_rows = []
+    if plan.kernel:
+        log('masked-head kernels at stage-1 shapes (batch 64, 3 heads, 56x56, d 32)')
+        kernel_rows = kernel_bandwidth(device)
+    payload = write_report(measurements, plan, device, args.out_dir,
+                           sys.argv if argv is None else ['tools/analysis/benchmark.py', *argv], kernel_rows)
+    hw = payload['hardware']
+    print(f"\n{hw.get('gpu') or hw['cpu']} ({hw['cpu_cores']} CPU cores), torch {hw['torch']}, "
+          f"timm {hw['timm']}; peak memory: {payload['memory_note']}\n")
+    print(markdown_table(measurements))
+    if kernel_rows:
+        peak = payload['peak_bandwidth_gbs']
+        print(f"\nMasked-head layer, hard mode; peak bandwidth {f'{peak:.0f} GB/s' if peak else 'unknown'}\n")
+        print(kernel_table(kernel_rows))
+    plot = f' and {args.out_dir}/benchmark.png' if payload['plot'] else ''
+    print(f'\nwrote {args.out_dir}/benchmark.json{plot}')
+
+
+if __name__ == '__main__':
+    main()
