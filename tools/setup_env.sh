@@ -101,7 +101,8 @@ fi
 
 log "installing the project and its dependencies"
 # --no-build-isolation keeps the editable build on the venv's setuptools<82.
-"${pip[@]}" install -q --no-build-isolation -e ".[dev]"
+# setuptools<82 again: a dependency may otherwise upgrade it past pkg_resources, which mmengine needs.
+"${pip[@]}" install -q --no-build-isolation -e ".[dev]" "setuptools<82"
 
 check_imports || fail "the environment was built but 'import hmait, mmcv.ops, mmdet.models, mmseg.models, timm' fails; see the traceback above"
 echo "$fingerprint" > "$stamp"
