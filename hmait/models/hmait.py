@@ -217,9 +217,8 @@ class HMaiT(BaseModule):
             if i in self.out_indices:
                 modules.append(getattr(self, f'norm{i}'))
         # mmdet counts the patch merging after a stage as part of it; here it opens the next stage.
-        if self.frozen_stages < len(self.layers):
-            if self.frozen_stages > 0:
-                modules.append(self.layers[self.frozen_stages].downsample)
+        if 0 < self.frozen_stages < len(self.layers):
+            modules.append(self.layers[self.frozen_stages].downsample)
         return modules
 
     def _freeze_stages(self) -> None:

@@ -142,25 +142,25 @@ def dense_attention_map(q: torch.Tensor, k: torch.Tensor, hw, mask_size: int = 3
                         scale: float | None = None) -> torch.Tensor:
     """The attention map ``A = softmax(masked logits)``, ``(B, heads, N, N)``; ``mode=None`` is unmasked."""
     h, w = _validate(q, k, k, hw, mask_size, mode or 'hard', alpha, num_prefix_tokens)
+    return _attention_rows(q, k, h, w, mask_size, mode, alpha, num_prefix_tokens, scale)
+
+
+def _attention_rows(q, k, h, w, mask_size, mode, alpha, num_prefix_tokens, scale, start=0):
+    """Attention-map rows ``start:start + q.shape[2]`` (``q`` holds just those rows), in the compute
+    dtype; ``mode=None`` leaves the logits unmasked."""
     dtype = _compute_dtype(q)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) * scale
     if mode is not None:
-        n = q.shape[2]
-        mask = _mask_rows(h, w, mask_size, num_prefix_tokens, 0, n, q.device)
+        mask = _mask_rows(h, w, mask_size, num_prefix_tokens, start, start + q.shape[2], q.device)
         logits = _mask_logits(logits, mask, mode, alpha)
     return logits.softmax(dim=-1)
 
 
-def _dense(q, k, v, h, w, mask_size, mode, alpha, num_prefix_tokens, scale, start=0, stop=None):
-    """Rows ``start:stop`` of the masked attention output (``q`` holds just those rows)."""
-    dtype = _compute_dtype(q)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    stop = start + q.shape[2] if stop is None else stop
-    logits = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) * scale
-    mask = _mask_rows(h, w, mask_size, num_prefix_tokens, start, stop, q.device)
-    attn = _mask_logits(logits, mask, mode, alpha).softmax(dim=-1)
-    return (attn @ v.to(dtype)).to(q.dtype)
+def _dense(q, k, v, h, w, mask_size, mode, alpha, num_prefix_tokens, scale, start=0):
+    """Rows ``start:start + q.shape[2]`` of the masked attention output (``q`` holds just those rows)."""
+    attn = _attention_rows(q, k, h, w, mask_size, mode, alpha, num_prefix_tokens, scale, start)
+    return (attn @ v.to(attn.dtype)).to(q.dtype)
 
 
 def _soft_chunked(q, k, v, h, w, mask_size, alpha, num_prefix_tokens, scale):
@@ -173,7 +173,7 @@ def _soft_chunked(q, k, v, h, w, mask_size, alpha, num_prefix_tokens, scale):
     outs = []
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        args = (q[:, :, start:stop], k, v, h, w, mask_size, 'soft', alpha, num_prefix_tokens, scale, start, stop)
+        args = (q[:, :, start:stop], k, v, h, w, mask_size, 'soft', alpha, num_prefix_tokens, scale, start)
         outs.append(checkpoint(_dense, *args, use_reentrant=False) if needs_grad else _dense(*args))
     return torch.cat(outs, dim=2)
 
