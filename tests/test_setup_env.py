@@ -1,10 +1,13 @@
 """tools/setup_env.sh fails fast, with what is missing and how to fix it, on an unfit machine.
 
 Each case runs the script from a scratch copy of the repository (no .venv), so nothing here
-touches the project's environment.
+touches the project's environment. The README's shell tools find the project's environment
+without an activated venv.
 """
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _scratch_repo(tmp_path: Path) -> Path:
     repo = tmp_path / 'repo'
-    (repo / 'tools').mkdir(parents=True)
-    shutil.copy(REPO / 'tools' / 'setup_env.sh', repo / 'tools' / 'setup_env.sh')
-    shutil.copy(REPO / 'setup.cfg', repo / 'setup.cfg')
+    for name in ('tools/setup_env.sh', 'setup.cfg', 'requirements/lock.txt'):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, repo / name)
     return repo
 
 
@@ -52,7 +55,7 @@ def test_missing_compiler_is_reported(tmp_path):
     repo = _scratch_repo(tmp_path)
     bin_dir = tmp_path / 'bin'
     bin_dir.mkdir()
-    for tool in ('bash', 'cat', 'sha256sum', 'cut', 'dirname', 'mktemp'):
+    for tool in ('bash', 'cat', 'sha256sum', 'cut', 'dirname', 'mktemp', 'sed', 'head'):
         os.symlink(shutil.which(tool), bin_dir / tool)
     env = {**os.environ, 'PATH': str(bin_dir), 'HMAIT_PYTHON': sys.executable}
     env.pop('CXX', None)
@@ -69,3 +72,48 @@ def test_unreachable_registry_is_reported(tmp_path):
     result = _run(repo, env)
     assert result.returncode != 0
     assert 'cannot reach the Python package registry' in result.stderr
+
+
+def test_failed_install_step_names_step_and_package(tmp_path):
+    repo = _scratch_repo(tmp_path)
+    lock = repo / 'requirements' / 'lock.txt'
+    # A build-tool version that does not exist: the first install step must fail, and say so.
+    lock.write_text(re.sub(r'(?m)^wheel==.*$', 'wheel==0.0.0.999', lock.read_text()))
+    result = _run(repo, {**os.environ, 'HMAIT_PYTHON': sys.executable,
+                         'HMAIT_WHEEL_CACHE': str(tmp_path / 'wheels')})
+    assert result.returncode != 0
+    assert "step '[1/4] installing the build tools" in result.stderr
+    assert 'failed while installing pip/setuptools/wheel/ninja' in result.stderr
+    assert 'wheel==0.0.0.999' in result.stderr  # pip's own reason, from the end of its output
+    assert 'the lock and setup.cfg disagree, or a pin does not exist' in result.stderr  # what to try
+    assert 'Traceback' not in result.stdout
+
+
+def test_missing_lock_is_reported(tmp_path):
+    repo = _scratch_repo(tmp_path)
+    (repo / 'requirements' / 'lock.txt').unlink()
+    result = _run(repo, {**os.environ, 'HMAIT_PYTHON': sys.executable})
+    assert result.returncode != 0
+    assert 'lock file' in result.stderr and 'requirements/lock.txt' in result.stderr
+
+
+def test_dist_train_uses_the_project_environment_without_activation(tmp_path):
+    """`bash tools/dist_train.sh ...` from a new shell runs in .venv, not in whatever `python` is on PATH."""
+    venv_python = REPO / '.venv' / 'bin' / 'python'
+    assert venv_python.exists(), 'run `make setup` first: the README commands assume .venv'
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    # A `python`/`python3` on PATH that cannot run anything, as on a machine where .venv is not activated.
+    for name in ('python', 'python3'):
+        (bin_dir / name).write_text('#!/bin/sh\necho "not the project environment" >&2\nexit 3\n')
+        (bin_dir / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ('PYTHON', 'VIRTUAL_ENV', 'PYTHONPATH')}
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    env.update(PATH=f'{bin_dir}:/usr/bin:/bin', PORT=str(port), OMP_NUM_THREADS='1')
+    result = subprocess.run(['bash', str(REPO / 'tools' / 'dist_train.sh'), 'configs/hmait_t_demo.py', '1', '--help'],
+                            env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'not the project environment' not in result.stderr
+    assert '--resume' in result.stdout  # tools/train.py's own help, printed by the rank

@@ -9,8 +9,11 @@ fi
 CONFIG=$1
 NPROC=$2
 shift 2
-PYTHON=${PYTHON:-python}
 cd "$(dirname "$0")/.."
+# The project's environment (built by `make`) unless PYTHON names another interpreter.
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
 exec "$PYTHON" -m torch.distributed.run \
     --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" \
     --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${PORT:-29500}" \

@@ -1,35 +1,59 @@
 #!/usr/bin/env bash
 # Build (or check) the project's virtual environment at .venv in the repository root.
 #
-# Idempotent: when .venv already matches this script and setup.cfg, it only checks that the
-# stack imports and exits in a few seconds. The slow part, compiling mmcv's ops, is done
-# once per torch version into a wheel cache outside the repository.
+# Every pip call is constrained by requirements/lock.txt, an exact version for every package
+# installed here (transitive ones included), so each machine gets the same environment; see
+# requirements/README.md for how to refresh the lock on purpose.
+#
+# Idempotent: when .venv already matches this script, setup.cfg and the lock, it only checks that
+# the stack imports and exits in a few seconds. The slow part, compiling mmcv's ops, is done once
+# per torch version into a wheel cache outside the repository.
 #
 # Overridable through the environment:
 #   HMAIT_PYTHON       interpreter to build the venv with        (default: python3)
-#   HMAIT_TORCH        torch version                             (default: 2.14.1)
-#   HMAIT_TORCHVISION  the matching torchvision version          (default: 0.29.1)
+#   HMAIT_TORCH        torch version                             (default: the lock's)
+#   HMAIT_TORCHVISION  the matching torchvision version          (default: the lock's)
 #   HMAIT_TORCH_INDEX  extra index URL for other CUDA builds, e.g. https://download.pytorch.org/whl/cu126
 #   HMAIT_WHEEL_CACHE  where the compiled mmcv wheel is kept     (default: ~/.cache/hmait/wheels)
 #   MAX_JOBS           parallel compile jobs for mmcv            (default: number of cores)
+# Any torch override releases torch, torchvision, triton and the CUDA runtime packages (nvidia-*,
+# cuda-*) from the lock; every other package stays pinned.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 
-python_bin="${HMAIT_PYTHON:-python3}"
-torch_version="${HMAIT_TORCH:-2.14.1}"
-torchvision_version="${HMAIT_TORCHVISION:-0.29.1}"
-mmcv_version="2.1.0"
-wheel_cache="${HMAIT_WHEEL_CACHE:-$HOME/.cache/hmait/wheels}"
-venv="$repo/.venv"
-stamp="$venv/.hmait-setup-stamp"
-
 fail() { echo "setup_env: ERROR: $*" >&2; exit 1; }
 log() { echo "setup_env: $*"; }
 
+# HMAIT_LOCK: another constraints file, only for refreshing the lock (requirements/README.md).
+lock="${HMAIT_LOCK:-$repo/requirements/lock.txt}"
+[[ -f "$lock" ]] || fail "the lock file $lock is missing; restore it with 'git checkout requirements/lock.txt'"
+locked_version() {  # locked_version NAME -> the version pinned in the lock (empty if none)
+  sed -n -E "s/^$1==([^ ;#]+).*/\1/p" "$lock" | head -n 1
+}
+
+python_bin="${HMAIT_PYTHON:-python3}"
+torch_version="${HMAIT_TORCH:-$(locked_version torch)}"
+torchvision_version="${HMAIT_TORCHVISION:-$(locked_version torchvision)}"
+mmcv_version="$(locked_version mmcv)"
+[[ -n "$torch_version" && -n "$torchvision_version" && -n "$mmcv_version" ]] \
+  || fail "$lock pins no torch, torchvision or mmcv version (torch==X lines); restore it with 'git checkout requirements/lock.txt'"
+wheel_cache="${HMAIT_WHEEL_CACHE:-$HOME/.cache/hmait/wheels}"
+venv="$repo/.venv"
+stamp="$venv/.hmait-setup-stamp"
+# Packages the lock no longer pins in this environment (a torch override); the drift test reads it.
+released_file="$venv/.hmait-lock-released"
+
+torch_override=0
+if [[ "$torch_version" != "$(locked_version torch)" || "$torchvision_version" != "$(locked_version torchvision)" \
+      || -n "${HMAIT_TORCH_INDEX:-}" ]]; then
+  torch_override=1
+fi
+
 # Fingerprint of everything that decides the environment's contents.
-fingerprint="$(cat "$0" setup.cfg | sha256sum | cut -c1-16)-torch${torch_version}-tv${torchvision_version}"
+fingerprint="$(cat "$0" setup.cfg "$lock" | sha256sum | cut -c1-16)-torch${torch_version}-tv${torchvision_version}"
+fingerprint+="-index${HMAIT_TORCH_INDEX:-}"
 
 check_imports() {
   "$venv/bin/python" - <<'PY'
@@ -64,7 +88,57 @@ if [[ ! -x "$venv/bin/python" ]]; then
   log "creating virtual environment at .venv"
   "$python_bin" -m venv "$venv"
 fi
+
+# The constraints every pip call uses: the lock, less what a torch override releases.
+constraints="$venv/.hmait-constraints.txt"
+if (( torch_override )); then
+  grep -v -E '^(torch|torchvision|triton|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+)==' "$lock" > "$constraints"
+  grep -o -E '^(torch|torchvision|triton|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+)==' "$lock" | tr -d '=' > "$released_file"
+  log "torch override (torch $torch_version, torchvision $torchvision_version${HMAIT_TORCH_INDEX:+, index $HMAIT_TORCH_INDEX}):" \
+      "torch, torchvision, triton and the CUDA runtime packages are not taken from the lock"
+else
+  cp "$lock" "$constraints"
+  : > "$released_file"
+fi
+# PIP_CONSTRAINT also reaches pip's own subprocesses (build environments of source packages).
+export PIP_CONSTRAINT="$constraints"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+step_log="$venv/.hmait-setup.log"
+
+# What to try after a failed step, from the most telling line of pip's output; HINT otherwise.
+diagnose() {  # diagnose HINT
+  local missing
+  missing="$(grep -o -m 1 'No matching distribution found for [^ ]*' "$step_log" || true)"
+  if grep -q -E 'ResolutionImpossible|conflicting dependencies' "$step_log"; then
+    echo "pip found no set of versions that satisfies both the request and the lock (see 'The conflict is" \
+         "caused by' above): the lock and setup.cfg disagree, or a pin does not exist; refresh the lock as" \
+         "requirements/README.md describes."
+  elif [[ -n "$missing" ]]; then
+    echo "pip reports '$missing' for Python $("$venv/bin/python" -c 'import platform; print(platform.python_version())')" \
+         "on $(uname -m): the lock was resolved on CPython 3.11 for x86-64; use that (HMAIT_PYTHON=python3.11)" \
+         "or refresh the lock as requirements/README.md describes."
+  elif grep -q -i -E 'connection|timed out|name resolution|proxy|ssl' "$step_log"; then
+    echo "The package registry could not be reached reliably; check the network or proxy (PIP_INDEX_URL)" \
+         "and run the command again: the steps already done are kept."
+  else
+    echo "$1"
+  fi
+}
+
+# run_step STEP PACKAGE HINT COMMAND...: run one install step; on failure, say which step and
+# package failed and what to try, with the end of pip's output, instead of a bare traceback.
+run_step() {
+  local step="$1" package="$2" hint="$3"
+  shift 3
+  log "$step"
+  if ! "$@" >"$step_log" 2>&1; then
+    echo "----- last lines of the output (all of it: $step_log) -----" >&2
+    tail -n 25 "$step_log" >&2
+    echo "-----" >&2
+    fail "step '$step' failed while installing $package. $(diagnose "$hint")"
+  fi
+}
+retry_hint="Run the command again: the steps already done are kept. The full output names the failing package."
 
 # The registry is needed from here on; a quick probe gives a clear message instead of a long pip retry loop.
 "${pip[@]}" download --no-deps --dest "$(mktemp -d)" --timeout 30 --retries 1 "pip" >/dev/null 2>&1 \
@@ -73,36 +147,48 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 torch_args=()
 [[ -n "${HMAIT_TORCH_INDEX:-}" ]] && torch_args+=(--extra-index-url "$HMAIT_TORCH_INDEX")
 
-log "installing build tools and torch==$torch_version torchvision==$torchvision_version"
-# setuptools<82: mmcv's setup.py and mmengine import pkg_resources, which setuptools 82 removed.
-"${pip[@]}" install -q "setuptools<82" wheel ninja
-"${pip[@]}" install -q "${torch_args[@]}" "torch==$torch_version" "torchvision==$torchvision_version"
+# setuptools<82 (pinned in the lock): mmcv's setup.py and mmengine import pkg_resources, which setuptools 82 removed.
+run_step "[1/4] installing the build tools (pip, setuptools, wheel, ninja) at their locked versions" \
+  "pip/setuptools/wheel/ninja" "$retry_hint" \
+  "${pip[@]}" install pip setuptools wheel ninja
+run_step "[2/4] installing torch==$torch_version and torchvision==$torchvision_version (a large download)" \
+  "torch==$torch_version torchvision==$torchvision_version" \
+  "$retry_hint For another CUDA build set HMAIT_TORCH, HMAIT_TORCHVISION and HMAIT_TORCH_INDEX (requirements/README.md)." \
+  "${pip[@]}" install "${torch_args[@]}" "torch==$torch_version" "torchvision==$torchvision_version"
 
 # ---- mmcv with compiled ops, built once per torch version ----
 mmcv_dir="$wheel_cache/torch-$torch_version"
-mkdir -p "$mmcv_dir"
+mkdir -p "$mmcv_dir" || fail "cannot create the wheel cache $mmcv_dir; set HMAIT_WHEEL_CACHE to a writable folder"
 if ! "$venv/bin/python" -c "import mmcv, mmcv.ops, sys; sys.exit(mmcv.__version__ != '$mmcv_version')" 2>/dev/null; then
   wheel="$(ls "$mmcv_dir"/mmcv-"$mmcv_version"-*.whl 2>/dev/null | head -n 1 || true)"
   if [[ -z "$wheel" ]]; then
-    log "building mmcv $mmcv_version with ops from source (about 12 minutes on 2 cores; cached afterwards in $mmcv_dir)"
     build="$(mktemp -d)"
-    "${pip[@]}" download -q --no-deps --no-binary :all: --no-build-isolation --dest "$build" "mmcv==$mmcv_version"
+    run_step "[3/4] downloading the mmcv $mmcv_version source" "mmcv==$mmcv_version (source)" "$retry_hint" \
+      "${pip[@]}" download --no-deps --no-binary :all: --no-build-isolation --dest "$build" "mmcv==$mmcv_version"
     tar -xzf "$build"/mmcv-"$mmcv_version".tar.gz -C "$build"
     # torch >= 2.14 headers need C++20; mmcv 2.1.0 hard-codes -std=c++17.
     sed -i 's/-std=c++17/-std=c++20/g' "$build/mmcv-$mmcv_version/setup.py"
-    (cd "$build/mmcv-$mmcv_version" && MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
-      "${pip[@]}" wheel --no-build-isolation --no-deps -w "$mmcv_dir" .)
+    (cd "$build/mmcv-$mmcv_version" && export MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+      && run_step "[3/4] compiling mmcv $mmcv_version with its ops (about 10 minutes on 2 cores; cached afterwards in $mmcv_dir)" \
+        "mmcv==$mmcv_version (compiled ops)" \
+        "The compiler ($cxx) failed: check that it supports C++20 (g++ >= 10 or clang++ >= 10), or lower MAX_JOBS if it ran out of memory." \
+        "${pip[@]}" wheel --no-build-isolation --no-deps -w "$mmcv_dir" .)
     rm -rf "$build"
     wheel="$(ls "$mmcv_dir"/mmcv-"$mmcv_version"-*.whl | head -n 1)"
+  else
+    log "[3/4] using the cached mmcv wheel $wheel"
   fi
-  log "installing $(basename "$wheel")"
-  "${pip[@]}" install -q --no-deps --force-reinstall "$wheel"
+  run_step "[3/4] installing $(basename "$wheel")" "mmcv==$mmcv_version" \
+    "The cached wheel may be damaged: delete $mmcv_dir and run the command again to rebuild it." \
+    "${pip[@]}" install --no-deps --force-reinstall "$wheel"
+else
+  log "[3/4] mmcv $mmcv_version with ops is already installed"
 fi
 
-log "installing the project and its dependencies"
-# --no-build-isolation keeps the editable build on the venv's setuptools<82.
-# setuptools<82 again: a dependency may otherwise upgrade it past pkg_resources, which mmengine needs.
-"${pip[@]}" install -q --no-build-isolation -e ".[dev]" "setuptools<82"
+# --no-build-isolation keeps the editable build on the venv's locked setuptools.
+run_step "[4/4] installing the project and its dependencies at their locked versions" "hmait[dev] and its dependencies" \
+  "$retry_hint" \
+  "${pip[@]}" install --no-build-isolation -e ".[dev]"
 
 check_imports || fail "the environment was built but 'import hmait, mmcv.ops, mmdet.models, mmseg.models, timm' fails; see the traceback above"
 echo "$fingerprint" > "$stamp"
