@@ -1,7 +1,8 @@
 """H-MaiT: hierarchical vision transformer with masked attention heads (MaiT, Li et al. 2022).
 
 Importing the package registers ``HMaiT`` in mmengine's root MODELS registry and the
-``hmait_*`` models in timm. It never imports mmcv, mmdet or mmseg.
+``hmait_*`` models in timm, and changes nothing else in the process. It never imports mmcv, mmdet,
+mmseg, opencv or the training package ``hmait.engine`` (which configs load through ``custom_imports``).
 """
 from . import registry  # noqa: F401  (registration side effects)
 from .models import HMaiT, HMaiTClassifier, MaskedAttentionBlock, MaskedMultiheadAttention

@@ -113,18 +113,3 @@ def mait_xsmall(pretrained: bool = False, **kwargs) -> MaiT:
 def mait_small(pretrained: bool = False, **kwargs) -> MaiT:
     """MaiT-S: D=384, H=6 (paper Table 2); 24 layers, LayerScale and Sch.2 by default."""
     return _create_mait('mait_small', pretrained, **kwargs)
-
-# Classification training (hmait.engine): model, data, metric and hook for mmengine's Runner;
-# atomic checkpoint writes and weights-only checkpoint reads.
-from mmengine.fileio import register_backend  # noqa: E402
-from mmengine.registry import DATA_SAMPLERS, DATASETS, HOOKS, METRICS  # noqa: E402
-
-from . import engine  # noqa: E402
-
-MODELS.register_module(name='TimmImageClassifier', module=engine.TimmImageClassifier)
-DATASETS.register_module(name='ImageFolderDataset', module=engine.ImageFolderDataset)
-DATA_SAMPLERS.register_module(name='SeededSampler', module=engine.SeededSampler)
-METRICS.register_module(name='TopKAccuracy', module=engine.TopKAccuracy)
-HOOKS.register_module(name='EpochSeedHook', module=engine.EpochSeedHook)
-register_backend(engine.ATOMIC_BACKEND, engine.AtomicLocalBackend)
-engine.install_weights_only_loading()

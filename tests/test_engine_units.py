@@ -10,7 +10,6 @@ import torch
 from mmengine.config import Config
 from mmengine.runner.checkpoint import CheckpointLoader, save_checkpoint
 
-import hmait  # noqa: F401  (registers the engine with mmengine)
 from hmait.data import generate_imagenet
 from hmait.engine import (
     ATOMIC_BACKEND,
@@ -21,6 +20,7 @@ from hmait.engine import (
     TopKAccuracy,
     atomic_write_bytes,
     find_resume_checkpoint,
+    install_weights_only_loading,
 )
 from hmait.engine import checkpoint as engine_checkpoint
 from hmait.engine.launch import _replace_sync_bn, load_config
@@ -161,6 +161,7 @@ def test_atomic_write_keeps_previous_file_on_failure(tmp_path, monkeypatch):
 
 
 def test_mmengine_saves_atomically_and_loads_weights_only(tmp_path):
+    install_weights_only_loading()  # what tools/train.py and tools/test.py do first
     path = tmp_path / 'ckpt.pth'
     save_checkpoint({'state_dict': {'w': torch.ones(2)}, 'meta': {'epoch': 1}}, str(path),
                     backend_args=dict(backend=ATOMIC_BACKEND))

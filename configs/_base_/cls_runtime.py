@@ -1,6 +1,8 @@
 # Runtime for classification training with mmengine's Runner (root registries).
 default_scope = 'mmengine'
-custom_imports = dict(imports=['hmait'], allow_failed_imports=False)
+# hmait registers the models; hmait.engine the classifier, data set, sampler, metric, hooks and
+# the atomic checkpoint backend.
+custom_imports = dict(imports=['hmait', 'hmait.engine'], allow_failed_imports=False)
 
 default_hooks = dict(
     timer=dict(type='IterTimerHook'),
@@ -10,8 +12,9 @@ default_hooks = dict(
     checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=3, save_best='accuracy/top1', rule='greater',
                     backend_args=dict(backend='local_atomic')),
     sampler_seed=dict(type='DistSamplerSeedHook'))
-# Per-epoch reseeding of the training process's generators (Mixup, drop path): exact resume.
-custom_hooks = [dict(type='EpochSeedHook')]
+# Reseeding of the training process's generators (Mixup, drop path) for an exact resume, and
+# the count of skipped unreadable images in the log.
+custom_hooks = [dict(type='IterSeedHook'), dict(type='UnreadableImagesHook')]
 
 env_cfg = dict(cudnn_benchmark=True, mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
                dist_cfg=dict(backend='nccl'))

@@ -5,9 +5,11 @@ middle leaves a truncated file under the final name, and ``last_checkpoint`` may
 :class:`AtomicLocalBackend` writes to a temporary file in the same directory, fsyncs it and
 renames it over the target, so the target is always either the old or the new complete file.
 
-mmengine also reads checkpoints with a bare ``torch.load``; :func:`load_local_weights_only`
-replaces its local-file loader so every checkpoint (resume, ``load_from``, ``init_cfg``) is read
-with ``weights_only=True`` and mmengine's own types allow-listed.
+mmengine also reads checkpoints with a bare ``torch.load``; :func:`install_weights_only_loading`
+replaces its local-file loader by :func:`load_local_weights_only`, so every checkpoint (resume,
+``load_from``, ``init_cfg``) is read with ``weights_only=True`` and mmengine's own types
+allow-listed. That changes mmengine for the whole process, so it is never done on import:
+``tools/train.py`` and ``tools/test.py`` call it, and so should other code that drives the Runner.
 """
 from __future__ import annotations
 
@@ -104,7 +106,12 @@ def _reduce_history_buffer(buffer: HistoryBuffer) -> tuple:
 
 def install_weights_only_loading() -> None:
     """Route mmengine's loading of local checkpoints through :func:`load_local_weights_only`, and
-    make the checkpoints mmengine writes loadable that way (see ``_reduce_history_buffer``)."""
+    make the checkpoints mmengine writes loadable that way (see ``_reduce_history_buffer``).
+
+    Process-wide and idempotent: it replaces the '' (local path) scheme of mmengine's
+    ``CheckpointLoader`` and adds a ``copyreg`` rule for ``HistoryBuffer``. ``tools/train.py`` and
+    ``tools/test.py`` call it before building the Runner; ``import hmait`` does not.
+    """
     # '' is the scheme mmengine uses for plain local paths; force replaces its bare torch.load.
     CheckpointLoader.register_scheme(prefixes='', loader=load_local_weights_only, force=True)
     copyreg.pickle(HistoryBuffer, _reduce_history_buffer)

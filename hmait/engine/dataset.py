@@ -1,6 +1,8 @@
 """ImageNet-layout image folders with timm's transforms, and a sampler that makes augmentation resumable."""
 from __future__ import annotations
 
+import functools
+import multiprocessing
 import os
 import os.path as osp
 import random
@@ -30,23 +32,45 @@ def _posterize_keeping_zero_bits(img: Image.Image, bits_to_keep: int, **kwargs) 
     return timm_auto_augment.posterize(img, bits_to_keep, **kwargs)
 
 
-def _patch_timm_posterize() -> None:
-    """Keep RandAugment's posterize working on Pillow >= 13.
-
-    timm's increasing-posterize maps magnitude 10 to 0 bits (reached by rand-m9-mstd0.5, whose
-    magnitudes are clipped to [0, 10]); Pillow 13 raises on 0 bits instead of returning a black
-    image, which would kill a training run at a random iteration. Only the 0-bit case is changed,
-    and only where the installed Pillow rejects it.
-    """
+@functools.cache
+def _pillow_rejects_zero_bit_posterize() -> bool:
     try:
         ImageOps.posterize(Image.new('RGB', (1, 1)), 0)
     except ValueError:
-        for name, op in list(timm_auto_augment.NAME_TO_OP.items()):
-            if op is timm_auto_augment.posterize:
-                timm_auto_augment.NAME_TO_OP[name] = _posterize_keeping_zero_bits
+        return True
+    return False
 
 
-_patch_timm_posterize()
+def keep_posterize_working(transform: object) -> int:
+    """Make the RandAugment / AutoAugment posterize ops inside ``transform`` accept 0 bits.
+
+    timm's increasing-posterize maps magnitude 10 to 0 bits (reached by rand-m9-mstd0.5, whose
+    magnitudes are clipped to [0, 10]); Pillow 13 raises on 0 bits instead of returning a black
+    image, which would kill a training run at a random iteration. Only the ops of this transform
+    are changed (timm's own op table is left alone), only their 0-bit case, and only where the
+    installed Pillow rejects it. Returns the number of ops changed.
+    """
+    if not _pillow_rejects_zero_bit_posterize():
+        return 0
+    changed, pending, seen = 0, [transform], set()
+    while pending:
+        node = pending.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, timm_auto_augment.AugmentOp):
+            if node.aug_fn is timm_auto_augment.posterize:
+                node.aug_fn = _posterize_keeping_zero_bits
+                changed += 1
+        elif isinstance(node, (list, tuple)):
+            pending.extend(node)
+        else:
+            # Compose.transforms, RandAugment.ops / AugMixAugment.ops, AutoAugment.policy (lists of lists).
+            for name in ('transforms', 'ops', 'policy'):
+                children = getattr(node, name, None)
+                if isinstance(children, (list, tuple)):
+                    pending.extend(children)
+    return changed
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -112,7 +136,8 @@ class ImageFolderDataset(Dataset):
         on_corrupt: what an unreadable image does. 'skip' (default) warns with the file's path and
             returns the next readable sample instead, so one bad file in a long run costs one sample,
             not the run; more than ``MAX_CONSECUTIVE_CORRUPT`` bad files in a row raise. 'error'
-            raises at the first one.
+            raises at the first one. Skipped files are listed by :attr:`unreadable_files`, which
+            ``UnreadableImagesHook`` counts in the log after every epoch.
 
     Class indices follow the sorted class-folder names of ``train/`` (of ``split`` when there is
     no ``train/``), so every split uses the same label for the same folder name.
@@ -153,6 +178,10 @@ class ImageFolderDataset(Dataset):
             self.samples += [(osp.join(class_dir, f), label) for f in files]
         self.transform_cfg = dict(transform or {})
         self.transform = create_transform(**self.transform_cfg) if transform is not None else ToTensor()
+        keep_posterize_working(self.transform)
+        # One flag per sample in shared memory: data loader workers (forked, or spawned with the
+        # dataset as an argument) set it when they skip a file, and the main process counts them.
+        self._unreadable = multiprocessing.RawArray('B', max(len(self.samples), 1))
 
     @property
     def metainfo(self) -> dict:
@@ -160,6 +189,12 @@ class ImageFolderDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    @property
+    def unreadable_files(self) -> list[str]:
+        """Paths skipped as unreadable so far, by this process and its data loader workers."""
+        flags = np.frombuffer(self._unreadable, dtype=np.uint8)[:len(self.samples)]
+        return [self.samples[i][0] for i in np.flatnonzero(flags)]
 
     def _read(self, index: int) -> tuple[Image.Image, int]:
         """The first readable image at or after ``index`` (wrapping) and its label."""
@@ -173,6 +208,7 @@ class ImageFolderDataset(Dataset):
                 if self.on_corrupt == 'error':
                     raise RuntimeError(f'cannot read image {path}: {err} (set on_corrupt="skip" in the '
                                        'dataset config to skip unreadable images with a warning)') from err
+                self._unreadable[i] = 1
                 warnings.warn(f'skipping unreadable image {path}: {err}', RuntimeWarning, stacklevel=2)
         raise RuntimeError(f'{MAX_CONSECUTIVE_CORRUPT + 1} unreadable images in a row from '
                            f'{self.samples[index][0]} on: the data set looks broken')

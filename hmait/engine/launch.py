@@ -2,11 +2,14 @@
 
 One entry point serves classification, detection and segmentation configs: the config's
 ``default_scope`` picks the registries, and detection/segmentation configs pull in mmdet/mmseg
-through ``custom_imports``, so nothing here imports them.
+through ``custom_imports``, so nothing here imports them. Both entry points switch mmengine's
+local checkpoint loading to weights-only (:func:`install_weights_only_loading`) before the config
+is read, so resuming, ``load_from`` and ``init_cfg`` weights can never run pickled code.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import os.path as osp
 import subprocess
@@ -19,7 +22,7 @@ from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-from .checkpoint import ATOMIC_BACKEND, find_resume_checkpoint
+from .checkpoint import ATOMIC_BACKEND, find_resume_checkpoint, install_weights_only_loading
 
 LAUNCHERS = ('none', 'pytorch', 'slurm')
 
@@ -86,6 +89,20 @@ def _replace_sync_bn(node) -> int:
     return count
 
 
+def _dist_timeout(dist_cfg: dict) -> datetime.timedelta | None:
+    """``env_cfg.dist_cfg.timeout`` in seconds, read as mmengine's ``init_dist`` reads it (None: torch's default).
+
+    A collective that waits longer than this for another process (one that died, or hangs) raises
+    in every process still waiting, so a broken run stops instead of hanging.
+    """
+    timeout = dist_cfg.get('timeout')
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float('inf'):
+        raise ValueError(f'env_cfg.dist_cfg.timeout must be a positive number of seconds, got {timeout!r}')
+    return datetime.timedelta(seconds=timeout)
+
+
 def prepare_cpu(cfg: Config, launcher: str) -> None:
     """Adapt a config to a machine without CUDA: BN for SyncBN; gloo and CPU DDP when distributed.
 
@@ -104,10 +121,10 @@ def prepare_cpu(cfg: Config, launcher: str) -> None:
     if missing:
         raise RuntimeError(f'--launcher {launcher} needs the torch.distributed environment variables {missing}; '
                            'start with torchrun (tools/dist_train.sh) or srun (tools/slurm_train.sh)')
-    if not dist.is_initialized():
-        dist.init_process_group('gloo')
     cfg.setdefault('env_cfg', ConfigDict())
     cfg.env_cfg.setdefault('dist_cfg', ConfigDict())
+    if not dist.is_initialized():
+        dist.init_process_group('gloo', timeout=_dist_timeout(cfg.env_cfg.dist_cfg))
     cfg.env_cfg.dist_cfg.backend = 'gloo'
     wrapper = cfg.get('model_wrapper_cfg') or ConfigDict(type='MMDistributedDataParallel')
     wrapper.device_ids = None
@@ -147,6 +164,7 @@ def _build_runner(cfg: Config) -> Runner:
 def train(argv: Sequence[str] | None = None) -> None:
     """``tools/train.py``: parse arguments, prepare the config, run ``Runner.train``."""
     args = parse_train_args(argv)
+    install_weights_only_loading()
     cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
     if args.amp:
         if not torch.cuda.is_available():
@@ -177,6 +195,7 @@ def test(argv: Sequence[str] | None = None) -> dict:
     args = parse_test_args(argv)
     if not osp.isfile(args.checkpoint):
         raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
+    install_weights_only_loading()
     cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
     cfg.load_from = args.checkpoint
     cfg.resume = False

@@ -5,8 +5,10 @@ infinite sampler over it never yields); a missing label map only fails when a da
 reaches it; label values outside ``[0, num_classes)`` other than the ignore index are dropped by
 ``IoUMetric`` without a word (``torch.histc`` ignores them), so mIoU is computed on a different
 labelling, or crash the loss with an index error that does not say which file.
-``CheckedADE20KDataset`` checks the folders and files when loading and the label values of every
-sample it returns.
+A label map whose size differs from its image's is resized with it by the pipeline, so every
+pixel gets some other pixel's label without an error.
+``CheckedADE20KDataset`` checks the folders and files when loading, and the label-map size and
+the label values of every sample it returns.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import os
 import torch
 from mmseg.datasets import ADE20KDataset
 from mmseg.registry import DATASETS
+from PIL import Image
 
 from ._checks import check_files_exist, is_remote
 
@@ -40,12 +43,24 @@ class CheckedADE20KDataset(ADE20KDataset):
         return data_list
 
     def prepare_data(self, idx: int):
+        self._check_sizes(self.get_data_info(idx))
         data = super().prepare_data(idx)
         # Checked after the pipeline: these are exactly the values the loss and IoUMetric will see.
         sample = data.get('data_samples') if isinstance(data, dict) else None
         if sample is not None and 'gt_sem_seg' in sample:
             self._check_labels(sample.gt_sem_seg.data, sample.metainfo)
         return data
+
+    def _check_sizes(self, info: dict) -> None:
+        image, labels = info.get('img_path'), info.get('seg_map_path')
+        if not image or not labels or is_remote(image) or is_remote(labels):
+            return
+        # Opening reads the headers only: two small reads per sample.
+        with Image.open(image) as img, Image.open(labels) as seg:
+            image_size, label_size = img.size, seg.size
+        if image_size != label_size:
+            raise ValueError(f'label map {labels} is {label_size[0]}x{label_size[1]} (width x height) but its image '
+                             f'{image} is {image_size[0]}x{image_size[1]}; a label map must have its image\'s size')
 
     def _check_labels(self, labels: torch.Tensor, metainfo: dict) -> None:
         num_classes = len(self.metainfo['classes'])
