@@ -3,17 +3,18 @@
 
     python tools/analysis/benchmark.py [--out-dir DIR] [--device cuda|cpu] [--models M ...]
                                        [--modes inference train] [--precisions fp32 bf16]
-                                       [--compile eager compile] [--batch N] [--resolution PX]
+                                       [--runtimes eager compile onnxruntime] [--batch N] [--resolution PX]
                                        [--sweep PX ...] [--sweep-inference PX ...] [--sweep-batch N]
                                        [--warmup N] [--iters N] [--reps N] [--threads N]
 
 With a GPU and no options it runs the whole GPU table: H-MaiT-T/S and Swin-T/S, batch 64 at
 224 px, inference and training, fp32 and bf16 autocast, eager and torch.compile, then a sweep
-over 224..1024 px (2048 px for inference) at batch 8. Without a GPU the default is a small CPU
-run (tiny models, batch 8, fp32, eager, no sweep); options widen it.
+over 224..1024 px (2048 px for inference) at batch 8, then the masked-head kernel table. Without
+a GPU the default is a small CPU run (tiny models, batch 8, fp32, eager, no sweep); options widen
+it. ``onnxruntime`` exports both models and times ONNX Runtime (inference, fp32).
 
-Prints a markdown table with the H-MaiT / Swin ratios and writes benchmark.json (hardware,
-versions, command, every repetition) and, for a sweep, benchmark.png to --out-dir.
+Prints a markdown table with the H-MaiT / Swin ratios and every repetition, and writes
+benchmark.json (hardware, versions, command, every repetition) and, for a sweep, benchmark.png.
 """
 import argparse
 import sys
@@ -23,22 +24,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--out-dir', default='work_dirs/benchmark', help='where the JSON and PNG go')
-    parser.add_argument('--device', help='cuda or cpu (default: cuda when available)')
+    parser.add_argument('--device', choices=('cuda', 'cpu'), help='default: cuda when available')
     parser.add_argument('--models', nargs='+',
-                        help='timm model names (default: H-MaiT-T/S and Swin-T/S on GPU, '
-                        'the tiny pair on CPU)')
+                        help='timm model names (default: H-MaiT-T/S and Swin-T/S on GPU, the tiny pair on CPU)')
     parser.add_argument('--modes', nargs='+', choices=('inference', 'train'))
     parser.add_argument('--precisions', nargs='+', choices=('fp32', 'bf16'), help='bf16 = autocast')
-    parser.add_argument('--compile', nargs='+', choices=('eager', 'compile'), dest='compile_modes')
+    parser.add_argument('--runtimes', nargs='+', choices=('eager', 'compile', 'onnxruntime'),
+                        help='eager PyTorch, torch.compile, or ONNX Runtime on the exported model')
     parser.add_argument('--batch', type=int)
     parser.add_argument('--resolution', type=int, help='resolution of the main comparison (default 224)')
     parser.add_argument('--sweep', nargs='*', type=int, dest='sweep_resolutions', metavar='PX',
                         help='resolutions of the sweep (inference and training); give no value for none')
-    parser.add_argument('--sweep-inference', nargs='*', type=int, dest='sweep_inference_only',
-                        metavar='PX',
+    parser.add_argument('--sweep-inference', nargs='*', type=int, dest='sweep_inference_only', metavar='PX',
                         help='extra sweep resolutions for inference only (GPU default: 2048)')
     parser.add_argument('--sweep-batch', type=int)
     parser.add_argument('--sweep-modes', nargs='+', choices=('inference', 'train'))
@@ -56,22 +55,19 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
 
-    from hmait.analysis.benchmark import (
-        default_plan,
-        kernel_bandwidth,
-        kernel_table,
-        markdown_table,
-        run_benchmark,
-        write_report,
-    )
+    from hmait.benchmark.attention import kernel_bandwidth, kernel_table, peak_bandwidth_gbs
+    from hmait.benchmark.measure import hardware_line
+    from hmait.benchmark.models import default_plan, run_benchmark, table, write_report
 
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise SystemExit('--device cuda: no CUDA device is available; use --device cpu')
-    if args.threads:
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise SystemExit(f'--threads must be a positive integer, got {args.threads}')
         torch.set_num_threads(args.threads)
     plan = default_plan(device)
-    for name in ('models', 'modes', 'precisions', 'compile_modes', 'batch', 'resolution', 'sweep_resolutions',
+    for name in ('models', 'modes', 'precisions', 'runtimes', 'batch', 'resolution', 'sweep_resolutions',
                  'sweep_inference_only', 'sweep_batch', 'sweep_modes', 'warmup', 'iters', 'reps', 'kernel'):
         value = getattr(args, name)
         if value is not None:
@@ -87,14 +83,13 @@ def main(argv=None) -> None:
     if plan.kernel:
         log('masked-head kernels at stage-1 shapes (batch 64, 3 heads, 56x56, d 32)')
         kernel_rows = kernel_bandwidth(device)
-    payload = write_report(measurements, plan, device, args.out_dir,
-                           sys.argv if argv is None else ['tools/analysis/benchmark.py', *argv], kernel_rows)
-    hw = payload['hardware']
-    print(f"\n{hw.get('gpu') or hw['cpu']} ({hw['cpu_cores']} CPU cores), torch {hw['torch']}, "
-          f"timm {hw['timm']}; peak memory: {payload['memory_note']}\n")
-    print(markdown_table(measurements))
+    argv = sys.argv if argv is None else ['tools/analysis/benchmark.py', *argv]
+    payload = write_report(measurements, plan, device, args.out_dir, argv, kernel_rows)
+    print(f"\n{hardware_line(payload['hardware'])}; peak memory: allocated during one iteration beyond what was "
+          f"allocated before it\n")
+    print(table(measurements))
     if kernel_rows:
-        peak = payload['peak_bandwidth_gbs']
+        peak = peak_bandwidth_gbs(device)
         print(f"\nMasked-head layer, hard mode; peak bandwidth {f'{peak:.0f} GB/s' if peak else 'unknown'}\n")
         print(kernel_table(kernel_rows))
     plot = f' and {args.out_dir}/benchmark.png' if payload['plot'] else ''

@@ -1,21 +1,28 @@
-"""Benchmark the masked-attention op: every mode against the dense reference and global SDPA.
+#!/usr/bin/env python
+"""Benchmark the masked-attention op: every path against the portable path, the dense reference and SDPA.
 
-    python tools/analysis/benchmark_attention.py [--grids 28 56 112 224] [--batch 1] [--out FILE.json]
+    python tools/analysis/benchmark_attention.py [--grids 28 56 112 224] [--batch 1] [--threads N] [--out FILE.json]
 
-Prints a markdown table and the issue's target ratios, and writes JSON with the hardware and command.
+Prints a markdown table (median and every repetition), the growth per grid step and the speed-up
+of each path over the portable PyTorch path, and writes JSON with the hardware and the command.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
-import torch
-
-from hmait.analysis.attention_benchmark import PATHS, benchmark_attention, hardware, markdown_table, summarise
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from hmait.benchmark.attention import PATHS, benchmark_attention, summarise, table
+    from hmait.benchmark.measure import hardware_line, record
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--grids', type=int, nargs='+', default=[28, 56, 112, 224], help='grid sides')
     parser.add_argument('--paths', nargs='+', default=list(PATHS), choices=PATHS)
@@ -26,28 +33,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16'])
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', choices=['cuda', 'cpu'])
+    parser.add_argument('--threads', type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument('--max-quadratic-tokens', type=int, default=112 * 112,
                         help='skip the O(N^2) paths (soft, dense, SDPA) above this many tokens')
     parser.add_argument('--out', default='work_dirs/benchmark_attention.json', help='JSON output path')
     args = parser.parse_args(argv)
-    for name in ('batch', 'heads', 'head_dim', 'repeats'):
-        if getattr(args, name) <= 0:
-            parser.error(f'--{name.replace("_", "-")} must be positive, got {getattr(args, name)}')
+    for name in ('batch', 'heads', 'head_dim', 'repeats', 'threads'):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f'--{name.replace("_", "-")} must be positive, got {value}')
+    if any(g <= 0 for g in args.grids):
+        parser.error(f'--grids must be positive grid sides, got {args.grids}')
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     rows = benchmark_attention(args.grids, args.paths, args.batch, args.heads, args.head_dim, args.mask_size,
                                args.repeats, args.warmup, getattr(torch, args.dtype), args.device,
-                               args.max_quadratic_tokens)
+                               args.max_quadratic_tokens, log=log)
     summary = summarise(rows)
-    print(markdown_table(rows))
+    payload = record(args.device, sys.argv if argv is None else ['tools/analysis/benchmark_attention.py', *argv],
+                     settings=vars(args), rows=rows, summary=summary)
+    print(f"\n{hardware_line(payload['hardware'])}; {args.batch} x {args.heads} heads x d {args.head_dim}, "
+          f'{args.dtype}\n')
+    print(table(rows))
     for key, value in summary.items():
         print(f'{key}: {value:.2f}')
-    result = dict(command=' '.join(['python', 'tools/analysis/benchmark_attention.py'] + (argv or sys.argv[1:])),
-                  hardware=hardware(), settings=vars(args), rows=rows, summary=summary)
-    import os
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w') as f:
-        json.dump(result, f, indent=2)
+        json.dump(payload, f, indent=2)
     print(f'wrote {args.out}')
     return 0
 

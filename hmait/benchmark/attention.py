@@ -1,0 +1,159 @@
+"""Time and peak memory of the masked-attention paths against the dense reference and global SDPA.
+
+Paths (each on ``(B, heads, N, d)`` tensors of a ``side x side`` grid):
+
+* ``hard``, ``strict``, ``soft``: :func:`hmait.ops.masked_attention` as a model calls it
+  (``backend='auto'``: the fastest path available on the device);
+* ``hard-torch``, ``strict-torch``: the portable PyTorch path (``backend='torch'``), the baseline
+  every compiled kernel is compared with;
+* ``dense-hard``: the O(N^2) reference :func:`hmait.ops.dense_masked_attention`;
+* ``sdpa-global``: ``scaled_dot_product_attention`` over all tokens, what a global head costs.
+
+Paths are timed alternately and peak memory is that of one call, both with
+:mod:`hmait.benchmark.measure`. Quadratic paths are skipped above a token limit.
+"""
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import dense_masked_attention, masked_attention
+from .measure import markdown_table, peak_memory_mib, time_alternating
+
+PATHS = ('hard', 'strict', 'soft', 'hard-torch', 'strict-torch', 'dense-hard', 'sdpa-global')
+QUADRATIC = ('soft', 'dense-hard', 'sdpa-global')
+
+
+def path_fn(path: str, hw: tuple[int, int], mask_size: int) -> Callable:
+    """``fn(q, k, v, alpha) -> out`` for one path."""
+    if path not in PATHS:
+        raise ValueError(f'path must be one of {PATHS}, got {path!r}')
+
+    def fn(q, k, v, alpha):
+        if path in ('hard', 'strict', 'soft'):
+            return masked_attention(q, k, v, hw, mask_size, path, alpha)
+        if path in ('hard-torch', 'strict-torch'):
+            return masked_attention(q, k, v, hw, mask_size, path.split('-')[0], backend='torch')
+        if path == 'dense-hard':
+            return dense_masked_attention(q, k, v, hw, mask_size, 'hard')
+        return F.scaled_dot_product_attention(q, k, v)
+    return fn
+
+
+def _call(fn: Callable, inputs: Sequence[torch.Tensor], backward: bool) -> Callable[[], None]:
+    q, k, v, alpha = inputs
+
+    def run() -> None:
+        with torch.set_grad_enabled(backward):
+            out = fn(q, k, v, alpha)
+            if backward:
+                torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    return run
+
+
+def benchmark_attention(grids: Sequence[int], paths: Sequence[str], batch: int = 1, heads: int = 3,
+                        head_dim: int = 32, mask_size: int = 3, repeats: int = 5, warmup: int = 1,
+                        dtype: torch.dtype = torch.float32, device: str = 'cpu',
+                        max_quadratic_tokens: int = 112 * 112,
+                        log: Callable[[str], None] | None = None) -> list[dict]:
+    """One row per (grid, path, pass) with the median and every repetition's milliseconds and the
+    peak MiB of one call."""
+    dev = torch.device(device)
+    rows = []
+    for side in grids:
+        n = side * side
+        g = torch.Generator(device='cpu').manual_seed(side)
+        inputs = [torch.randn(batch, heads, n, head_dim, generator=g).to(dev, dtype).requires_grad_()
+                  for _ in range(3)]
+        inputs.append(torch.full((heads,), 0.5, device=dev, dtype=dtype))
+        runnable = [p for p in paths if not (p in QUADRATIC and n > max_quadratic_tokens)]
+        for passes in ('fwd', 'fwd+bwd'):
+            calls = {p: _call(path_fn(p, (side, side), mask_size), inputs, passes == 'fwd+bwd') for p in runnable}
+            if log is not None:
+                log(f'{side}x{side} {passes}')
+            times, errors = time_alternating(calls, reps=repeats, warmup=warmup, device=dev, log=log)
+            for p in paths:
+                row = dict(grid=side, tokens=n, path=p, passes=passes, ms=None, peak_mib=None, repetitions_ms=None,
+                           note=errors.get(p, ''))
+                if p not in runnable:
+                    row['note'] = f'skipped: quadratic path above {max_quadratic_tokens} tokens'
+                elif p in times:
+                    row.update(ms=1e3 * statistics.median(times[p]), peak_mib=peak_memory_mib(calls[p], dev),
+                               repetitions_ms=[round(1e3 * t, 2) for t in times[p]])
+                rows.append(row)
+    return rows
+
+
+def summarise(rows: Sequence[dict]) -> dict:
+    """Growth from one grid to the next per path, and every path's speed-up over the portable path."""
+    ms = {(r['grid'], r['path'], r['passes']): r['ms'] for r in rows if r['ms']}
+    grids = sorted({r['grid'] for r in rows})
+    summary = {}
+    for (grid, path, passes), t in sorted(ms.items()):
+        bigger = [g for g in grids if g > grid]
+        if bigger and (bigger[0], path, passes) in ms:
+            summary[f'{path} {passes}: t({bigger[0]}^2) / t({grid}^2)'] = ms[(bigger[0], path, passes)] / t
+        for mode in ('hard', 'strict'):
+            portable = ms.get((grid, f'{mode}-torch', passes))
+            if path == mode and portable:
+                summary[f'{path} {passes} at {grid}^2: speed-up over {mode}-torch'] = portable / t
+    return summary
+
+
+def table(rows: Sequence[dict]) -> str:
+    shown = [dict(r, grid=f"{r['grid']}x{r['grid']}",
+                  repetitions_ms=' '.join(map(str, r['repetitions_ms'] or [])) or None) for r in rows]
+    return markdown_table([('grid', 'grid'), ('tokens', 'tokens:'), ('path', 'path'), ('passes', 'passes'),
+                           ('ms', 'median ms:'), ('peak_mib', 'peak MiB:'), ('repetitions_ms', 'ms per repetition'),
+                           ('note', 'note')], shown)
+
+
+def peak_bandwidth_gbs(device: torch.device) -> float | None:
+    """The card's peak memory bandwidth in GB/s from its memory clock and bus width (double data rate)."""
+    if device.type != 'cuda':
+        return None
+    props = torch.cuda.get_device_properties(device)
+    clock_khz, bus_bits = getattr(props, 'memory_clock_rate', 0), getattr(props, 'memory_bus_width', 0)
+    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9 if clock_khz and bus_bits else None
+
+
+def kernel_bandwidth(device: torch.device, batch: int = 64, heads: int = 3, grid: int = 56, head_dim: int = 32,
+                     precisions: Sequence[str] = ('fp32', 'bf16'), iters: int = 20, reps: int = 5) -> list[dict]:
+    """One hard-mode masked-head layer at stage-1 shapes: the device's kernels against the PyTorch path.
+
+    Bandwidth counts the least traffic any implementation needs: reading q, k, v and writing the
+    output (forward), plus reading q, k, v, output and its gradient and writing dq, dk, dv (backward).
+    """
+    peak = peak_bandwidth_gbs(device)
+    n = grid * grid
+    rows = []
+    for precision in precisions:
+        dtype = torch.float32 if precision == 'fp32' else torch.bfloat16
+        tensor_bytes = batch * heads * n * head_dim * torch.tensor([], dtype=dtype).element_size()
+        inputs = [torch.randn(batch, heads, n, head_dim, device=device, dtype=dtype, requires_grad=True)
+                  for _ in range(3)] + [None]
+        for direction, traffic in (('forward', 4), ('forward+backward', 12)):
+            backends = {'kernel': 'auto', 'torch': 'torch'}
+            calls = {name: _call(lambda q, k, v, a, b=backend: masked_attention(q, k, v, (grid, grid), 3, 'hard',
+                                                                                backend=b),
+                                 inputs, direction != 'forward') for name, backend in backends.items()}
+            times, errors = time_alternating(calls, reps=reps, iters=iters, warmup=3, device=device)
+            for name in backends:
+                row = dict(backend=name, precision=precision, direction=direction, shape=[batch, heads, n, head_dim],
+                           error=errors.get(name))
+                if name in times:
+                    t = statistics.median(times[name])
+                    gbs = traffic * tensor_bytes / t / 1e9
+                    row.update(ms=1e3 * t, gb_per_s=gbs, fraction_of_peak=gbs / peak if peak else None)
+                rows.append(row)
+    return rows
+
+
+def kernel_table(rows: Sequence[dict]) -> str:
+    shown = [dict(r, ms=r.get('ms') if r['error'] is None else r['error']) for r in rows]
+    return markdown_table([('backend', 'backend'), ('precision', 'precision'), ('direction', 'pass'),
+                           ('ms', 'ms:'), ('gb_per_s', 'GB/s:'), ('fraction_of_peak', 'fraction of peak bandwidth:')],
+                          shown)

@@ -1,0 +1,337 @@
+"""Throughput and peak memory of H-MaiT against timm's Swin, measured side by side.
+
+Every model of a comparison is built in the same process and timed alternately
+(:func:`hmait.benchmark.measure.time_alternating`); results are medians over repetitions, and
+the ratio H-MaiT / Swin is taken between models of the same size (tiny with tiny, small with small).
+
+Procedure (Swin's throughput measurement): a fixed random batch, warm-up iterations, then timed
+iterations; images/s = batch / seconds per iteration. ``inference`` runs the forward pass under
+``torch.inference_mode``; ``train`` runs forward, cross-entropy, backward and an AdamW step.
+Runtimes: ``eager`` PyTorch, ``compile`` (``torch.compile``), and ``onnxruntime`` (inference in
+fp32 only: both models exported with ``torch.onnx.export(..., dynamo=True)`` at the benchmark's
+batch and resolution, run by ONNX Runtime's CPU or CUDA provider with torch's thread count).
+Peak memory: :func:`hmait.benchmark.measure.peak_memory_mib` over one iteration (not measured
+for ONNX Runtime, whose allocations torch cannot see).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .measure import RUN_ERRORS, describe_error, markdown_table, peak_memory_mib, record, time_alternating
+
+# H-MaiT model -> the Swin it is compared with (same dims, depths and heads).
+PAIRS = {
+    'hmait_tiny': 'swin_tiny_patch4_window7_224',
+    'hmait_small': 'swin_small_patch4_window7_224',
+    'hmait_base': 'swin_base_patch4_window7_224',
+}
+MODES = ('inference', 'train')
+PRECISIONS = ('fp32', 'bf16')
+RUNTIMES = ('eager', 'compile', 'onnxruntime')
+
+
+@dataclass(frozen=True)
+class Setting:
+    mode: str
+    precision: str
+    runtime: str
+    resolution: int
+    batch: int
+
+    def supported(self) -> bool:
+        """ONNX Runtime runs the exported inference graph in fp32 only."""
+        return self.runtime != 'onnxruntime' or (self.mode == 'inference' and self.precision == 'fp32')
+
+
+@dataclass
+class Measurement:
+    """One (model, setting) cell: medians over repetitions; ``error`` is set when it could not run."""
+
+    model: str
+    mode: str
+    precision: str
+    runtime: str
+    resolution: int
+    batch: int
+    images_per_s: float | None = None
+    ms_per_iter: float | None = None
+    peak_memory_mib: float | None = None
+    repetitions_images_per_s: list[float] = field(default_factory=list)
+    error: str | None = None
+
+
+def build_model(name: str, resolution: int, device: torch.device) -> nn.Module:
+    """A freshly initialised timm model; Swin is built for ``resolution`` (its windows depend on it)."""
+    import timm
+
+    import hmait  # noqa: F401  (registers the hmait_* models with timm)
+    if not timm.is_model(name):
+        raise ValueError(f'model {name!r} is not a timm model; H-MaiT and Swin pairs: {PAIRS}')
+    kwargs = {} if name.startswith('hmait') else dict(img_size=resolution)
+    return timm.create_model(name, num_classes=1000, **kwargs).to(device)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == 'fp32':
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _onnxruntime_step(model: nn.Module, images: torch.Tensor, device: torch.device,
+                      workdir: str) -> Callable[[], None]:
+    import onnxruntime as ort
+
+    path = os.path.join(workdir, f'{type(model).__name__}_{id(model)}.onnx')
+    with torch.no_grad():
+        torch.onnx.export(model.eval(), (images,), path, input_names=['image'], dynamo=True)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    providers = ['CUDAExecutionProvider'] if device.type == 'cuda' else ['CPUExecutionProvider']
+    session = ort.InferenceSession(path, options, providers=providers)
+    feed = {'image': images.cpu().numpy()}
+
+    def step() -> None:
+        session.run(None, feed)
+    return step
+
+
+def make_step(model: nn.Module, setting: Setting, device: torch.device, workdir: str) -> Callable[[], None]:
+    """One benchmark iteration on a fixed random batch: a forward pass or a full training step."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(setting.batch, 3, setting.resolution, setting.resolution, generator=gen).to(device)
+    target = torch.randint(0, 1000, (setting.batch,), generator=gen).to(device)
+    if setting.runtime == 'onnxruntime':
+        return _onnxruntime_step(model, images, device, workdir)
+    if setting.mode == 'inference':
+        model.eval()
+        fn = torch.compile(model) if setting.runtime == 'compile' else model
+
+        def step() -> None:
+            with torch.inference_mode(), _autocast(device, setting.precision):
+                fn(images)
+        return step
+
+    from timm.optim import create_optimizer_v2
+    model.train()
+    optimizer = create_optimizer_v2(model, 'adamw', lr=1e-4, weight_decay=0.05)
+    fn = torch.compile(model) if setting.runtime == 'compile' else model
+
+    def step() -> None:
+        with _autocast(device, setting.precision):
+            loss = F.cross_entropy(fn(images), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def measure_setting(models: Sequence[str], setting: Setting, device: torch.device, warmup: int, iters: int,
+                    reps: int, log: Callable[[str], None] | None = None) -> list[Measurement]:
+    """Every model under one setting, timed alternately, then the peak memory of one iteration each."""
+    results = {name: Measurement(name, **asdict(setting)) for name in models}
+    if setting.runtime == 'compile':
+        # Compiled graphs of earlier settings are dead; dropping them keeps every model of this
+        # setting well inside dynamo's recompile limit (models of one family share forward code).
+        torch._dynamo.reset()
+    steps: dict[str, Callable[[], None]] = {}
+    with tempfile.TemporaryDirectory(prefix='hmait-benchmark-') as workdir:
+        for name in models:
+            try:
+                steps[name] = make_step(build_model(name, setting.resolution, device), setting, device, workdir)
+            except RUN_ERRORS as exc:
+                results[name].error = describe_error(exc)
+        times, errors = time_alternating(steps, reps=reps, iters=iters, warmup=warmup, device=device, log=log)
+        for name, seconds in times.items():
+            res = results[name]
+            res.repetitions_images_per_s = [setting.batch / t for t in seconds]
+            res.ms_per_iter = 1e3 * statistics.median(seconds)
+            res.images_per_s = setting.batch / statistics.median(seconds)
+            if setting.runtime != 'onnxruntime':
+                try:
+                    res.peak_memory_mib = peak_memory_mib(steps[name], device)
+                except RUN_ERRORS as exc:
+                    res.error = describe_error(exc)
+        for name, reason in errors.items():
+            results[name].error = reason
+    return [results[name] for name in models]
+
+
+def _key(m: Measurement) -> tuple:
+    return m.mode, m.precision, m.runtime, m.resolution, m.batch
+
+
+def ratios(measurements: Sequence[Measurement]) -> list[dict]:
+    """H-MaiT / Swin ratios of throughput and peak memory for every setting where both ran."""
+    by_key = {(_key(m), m.model): m for m in measurements}
+    rows = []
+    for m in measurements:
+        swin = by_key.get((_key(m), PAIRS.get(m.model)))
+        if swin is None or m.images_per_s is None or swin.images_per_s is None:
+            continue
+        mem = (m.peak_memory_mib / swin.peak_memory_mib
+               if m.peak_memory_mib and swin.peak_memory_mib else None)
+        rows.append(dict(model=m.model, swin=swin.model, mode=m.mode, precision=m.precision,
+                         runtime=m.runtime, resolution=m.resolution, batch=m.batch,
+                         throughput_ratio=m.images_per_s / swin.images_per_s, memory_ratio=mem))
+    return rows
+
+
+TABLE_COLUMNS = [('model', 'model'), ('mode', 'mode'), ('precision', 'precision'), ('runtime', 'runtime'),
+                 ('resolution', 'resolution:'), ('batch', 'batch:'), ('images_per_s', 'images/s:'),
+                 ('ms_per_iter', 'ms/iter:'), ('peak_memory_mib', 'peak MiB:'),
+                 ('throughput_ratio', 'throughput vs Swin:'), ('memory_ratio', 'memory vs Swin:'),
+                 ('repetitions', 'images/s per repetition')]
+
+
+def table(measurements: Sequence[Measurement]) -> str:
+    """One row per measurement, with the H-MaiT / Swin ratios on the H-MaiT rows."""
+    ratio = {(r['model'], r['mode'], r['precision'], r['runtime'], r['resolution'], r['batch']): r
+             for r in ratios(measurements)}
+    rows = []
+    for m in measurements:
+        row = asdict(m)
+        row.update(ratio.get((m.model, *_key(m)), {}))
+        if m.error is not None:
+            row['images_per_s'] = m.error
+        row['repetitions'] = ' '.join(f'{x:.1f}' for x in m.repetitions_images_per_s) or None
+        rows.append(row)
+    return markdown_table(TABLE_COLUMNS, rows)
+
+
+def plot_sweep(measurements: Sequence[Measurement], path: str) -> bool:
+    """Throughput and peak memory against resolution, one line per model and setting.
+
+    Returns False (and writes nothing) when no setting was measured at more than one resolution.
+    """
+    series: dict[tuple, list[Measurement]] = {}
+    for m in measurements:
+        series.setdefault((m.model, m.mode, m.precision, m.runtime, m.batch), []).append(m)
+    series = {k: sorted(v, key=lambda m: m.resolution) for k, v in series.items()
+              if len({m.resolution for m in v}) > 1}
+    if not series:
+        return False
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for (model, mode, precision, runtime, batch), ms in sorted(series.items()):
+        ok = [m for m in ms if m.images_per_s is not None]
+        style = '-' if model.startswith('hmait') else '--'
+        label = f'{model} {mode} {precision} {runtime} batch {batch}'
+        ax_speed.plot([m.resolution for m in ok], [m.images_per_s for m in ok], style, marker='o', label=label)
+        mem = [m for m in ok if m.peak_memory_mib is not None]
+        ax_mem.plot([m.resolution for m in mem], [m.peak_memory_mib for m in mem], style, marker='o',
+                    label=label)
+    for ax, title in ((ax_speed, 'throughput (images/s)'), (ax_mem, 'peak memory (MiB)')):
+        ax.set_xlabel('resolution (px)')
+        ax.set_yscale('log')
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+    ax_mem.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+@dataclass
+class BenchmarkPlan:
+    """What to run. ``main_*`` is the fixed-resolution comparison, ``sweep_*`` the resolution sweep."""
+
+    models: list[str]
+    modes: list[str]
+    precisions: list[str]
+    runtimes: list[str]
+    batch: int
+    resolution: int
+    sweep_resolutions: list[int]
+    sweep_inference_only: list[int]
+    sweep_batch: int
+    sweep_modes: list[str]
+    warmup: int
+    iters: int
+    reps: int
+    kernel: bool = False
+
+    def settings(self) -> list[Setting]:
+        main = [Setting(mode, precision, runtime, self.resolution, self.batch)
+                for precision in self.precisions for runtime in self.runtimes for mode in self.modes]
+        # The sweep runs in the first precision and eager mode; its 224 px point at sweep_batch is its own.
+        sweep = [Setting(mode, self.precisions[0], 'eager', res, self.sweep_batch)
+                 for res in self.sweep_resolutions for mode in self.sweep_modes]
+        sweep += [Setting('inference', self.precisions[0], 'eager', res, self.sweep_batch)
+                  for res in self.sweep_inference_only if 'inference' in self.sweep_modes]
+        settings = main + [s for s in sweep if s not in main]
+        return [s for s in settings if s.supported()]
+
+    def validate(self) -> None:
+        for name, values, allowed in (('modes', self.modes, MODES), ('precisions', self.precisions, PRECISIONS),
+                                      ('runtimes', self.runtimes, RUNTIMES),
+                                      ('sweep modes', self.sweep_modes, MODES)):
+            bad = [v for v in values if v not in allowed]
+            if bad or not values:
+                raise ValueError(f'{name} must be a non-empty list from {allowed}, got {values!r}')
+        for name, value in (('batch', self.batch), ('sweep batch', self.sweep_batch), ('iters', self.iters),
+                            ('reps', self.reps)):
+            if value <= 0:
+                raise ValueError(f'{name} must be positive, got {value}')
+        if self.warmup < 0:
+            raise ValueError(f'warmup must be non-negative, got {self.warmup}')
+        for res in [self.resolution, *self.sweep_resolutions, *self.sweep_inference_only]:
+            if res <= 0 or res % 32:
+                raise ValueError(f'resolutions must be positive multiples of 32 (the total stride), got {res}')
+        if not self.models:
+            raise ValueError('models must name at least one timm model')
+        if not self.settings():
+            raise ValueError('no setting to run: onnxruntime runs inference in fp32 only')
+
+
+def default_plan(device: torch.device) -> BenchmarkPlan:
+    """Swin's GPU procedure with a GPU; a small plan a shared CPU finishes in minutes without one."""
+    if device.type == 'cuda':
+        return BenchmarkPlan(models=['hmait_tiny', PAIRS['hmait_tiny'], 'hmait_small', PAIRS['hmait_small']],
+                             modes=list(MODES), precisions=['fp32', 'bf16'], runtimes=['eager', 'compile'],
+                             batch=64, resolution=224, sweep_resolutions=[224, 384, 512, 768, 1024],
+                             sweep_inference_only=[2048], sweep_batch=8, sweep_modes=list(MODES),
+                             warmup=10, iters=30, reps=5, kernel=True)
+    return BenchmarkPlan(models=['hmait_tiny', PAIRS['hmait_tiny']], modes=list(MODES), precisions=['fp32'],
+                         runtimes=['eager'], batch=8, resolution=224, sweep_resolutions=[],
+                         sweep_inference_only=[], sweep_batch=1, sweep_modes=list(MODES), warmup=1, iters=2,
+                         reps=3)
+
+
+def run_benchmark(plan: BenchmarkPlan, device: torch.device,
+                  log: Callable[[str], None] | None = None) -> list[Measurement]:
+    plan.validate()
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+    measurements = []
+    for setting in plan.settings():
+        if log is not None:
+            log(f'{setting.mode} {setting.precision} {setting.runtime} {setting.resolution}px batch {setting.batch}')
+        measurements += measure_setting(plan.models, setting, device, plan.warmup, plan.iters, plan.reps, log)
+    return measurements
+
+
+def write_report(measurements: Sequence[Measurement], plan: BenchmarkPlan, device: torch.device, out_dir: str,
+                 argv: Sequence[str] | None = None, kernel_rows: Sequence[dict] = ()) -> dict:
+    """Write ``benchmark.json`` (and ``benchmark.png`` for a sweep) to ``out_dir``; return the payload."""
+    os.makedirs(out_dir, exist_ok=True)
+    payload = record(device, argv, plan=asdict(plan), measurements=[asdict(m) for m in measurements],
+                     ratios=ratios(measurements), kernel=list(kernel_rows))
+    with open(os.path.join(out_dir, 'benchmark.json'), 'w') as f:
+        json.dump(payload, f, indent=2)
+    payload['plot'] = plot_sweep(measurements, os.path.join(out_dir, 'benchmark.png'))
+    return payload

@@ -1,0 +1,143 @@
+"""The benchmarking pieces: one timer, one memory measure, one hardware record, one table writer,
+and the two benchmarks built on them, each run on tiny inputs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hmait.benchmark.attention import benchmark_attention, summarise
+from hmait.benchmark.measure import hardware_record, markdown_table, peak_memory_mib, record, time_alternating
+from hmait.benchmark.models import BenchmarkPlan, Measurement, Setting, default_plan, measure_setting, ratios, table
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_timer_alternates_warms_up_and_averages_iterations():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ('a', 'b')}
+    times, errors = time_alternating(fns, reps=2, iters=3, warmup=1)
+    assert errors == {}
+    # One warm-up call each, then per repetition 3 calls of a, then 3 of b.
+    assert calls == ['a', 'b'] + (['a'] * 3 + ['b'] * 3) * 2
+    assert {name: len(t) for name, t in times.items()} == {'a': 2, 'b': 2}
+
+
+def test_timer_measures_seconds_per_call_and_drops_a_failing_callable():
+    def fail():
+        raise RuntimeError('no kernel for this shape')
+
+    times, errors = time_alternating({'sleep': lambda: time.sleep(0.02), 'fail': fail}, reps=2, iters=2, warmup=0)
+    assert errors == {'fail': 'RuntimeError: no kernel for this shape'}
+    assert set(times) == {'sleep'}
+    assert all(0.02 <= t < 0.5 for t in times['sleep'])
+    with pytest.raises(ValueError, match='reps and iters must be positive'):
+        time_alternating({'sleep': lambda: None}, reps=0)
+
+
+def test_peak_memory_is_the_peak_not_the_total():
+    mib = 2 ** 20 // 4  # float32 elements in one MiB
+
+    def one_block():
+        return torch.ones(4 * mib)
+
+    def two_blocks_in_turn():
+        for _ in range(2):
+            torch.ones(4 * mib).sum()
+
+    def two_blocks_at_once():
+        a, b = torch.ones(4 * mib), torch.ones(4 * mib)
+        return a, b
+
+    assert 4 <= peak_memory_mib(one_block) < 5
+    assert 4 <= peak_memory_mib(two_blocks_in_turn) < 5
+    assert 8 <= peak_memory_mib(two_blocks_at_once) < 9
+
+
+def test_peak_memory_of_a_tiny_model_excludes_its_weights():
+    model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256))
+    x = torch.randn(64, 256)
+    weights_mib = sum(p.numel() for p in model.parameters()) * 4 / 2 ** 20
+    with torch.no_grad():
+        peak = peak_memory_mib(lambda: model(x))
+    activations_mib = 64 * 1024 * 4 / 2 ** 20
+    assert activations_mib <= peak < weights_mib + activations_mib
+
+
+def test_hardware_record_and_payload_head():
+    info = hardware_record('cpu')
+    assert info['torch'] == torch.__version__ and info['cpu_cores'] >= 1 and info['torch_threads'] >= 1
+    assert info['cpu']
+    payload = record('cpu', ['tools/x.py', '--flag'], rows=[1])
+    assert payload['command'].endswith('tools/x.py --flag') and payload['rows'] == [1]
+    assert payload['hardware']['torch'] == torch.__version__
+
+
+def test_markdown_table_formats_and_aligns():
+    text = markdown_table([('name', 'name'), ('ms', 'ms:'), ('x', 'x:')],
+                          [dict(name='a', ms=12.345, x=None), dict(name='b', ms=0.01234, x=3)])
+    assert text.splitlines() == ['| name | ms | x |', '|---|---:|---:|', '| a | 12.35 | - |', '| b | 0.0123 | 3 |']
+
+
+def test_ratios_pair_hmait_with_its_swin_in_the_same_setting():
+    common = dict(mode='inference', precision='fp32', runtime='eager', resolution=224, batch=8)
+    ms = [Measurement('hmait_tiny', **common, images_per_s=30., peak_memory_mib=90.),
+          Measurement('swin_tiny_patch4_window7_224', **common, images_per_s=20., peak_memory_mib=100.),
+          Measurement('hmait_tiny', **dict(common, batch=1), images_per_s=5.)]
+    (row,) = ratios(ms)
+    assert row['throughput_ratio'] == pytest.approx(1.5) and row['memory_ratio'] == pytest.approx(0.9)
+    assert '| 1.50 | 0.90 |' in table(ms)
+
+
+def test_measure_setting_on_a_real_model_and_an_unknown_name():
+    torch.manual_seed(0)
+    setting = Setting('train', 'fp32', 'eager', resolution=64, batch=2)
+    hmait, unknown = measure_setting(['hmait_tiny', 'no_such_model'], setting, torch.device('cpu'), warmup=0,
+                                     iters=1, reps=2)
+    assert hmait.error is None and len(hmait.repetitions_images_per_s) == 2
+    assert hmait.images_per_s == pytest.approx(2 / (hmait.ms_per_iter / 1e3))
+    assert hmait.peak_memory_mib > 1
+    assert unknown.images_per_s is None and "'no_such_model' is not a timm model" in unknown.error
+
+
+def test_plan_rejects_what_cannot_run():
+    plan = default_plan(torch.device('cpu'))
+    assert plan.settings() and all(s.runtime == 'eager' for s in plan.settings())
+    bad = BenchmarkPlan(**{**plan.__dict__, 'modes': ['train'], 'runtimes': ['onnxruntime']})
+    with pytest.raises(ValueError, match='onnxruntime runs inference in fp32 only'):
+        bad.validate()
+    with pytest.raises(ValueError, match='multiples of 32'):
+        BenchmarkPlan(**{**plan.__dict__, 'resolution': 100}).validate()
+
+
+def test_attention_benchmark_rows_and_summary():
+    rows = benchmark_attention([4, 8], ['hard', 'hard-torch', 'dense-hard'], repeats=2, warmup=0,
+                               max_quadratic_tokens=16)
+    assert len(rows) == 2 * 3 * 2
+    done = [r for r in rows if r['ms'] is not None]
+    skipped = [r for r in rows if r['ms'] is None]
+    assert all(r['path'] == 'dense-hard' and r['grid'] == 8 and 'skipped' in r['note'] for r in skipped)
+    assert len(skipped) == 2 and all(r['peak_mib'] > 0 and len(r['repetitions_ms']) == 2 for r in done)
+    summary = summarise(rows)
+    assert 'hard fwd+bwd: t(8^2) / t(4^2)' in summary
+    assert summary['hard fwd at 8^2: speed-up over hard-torch'] > 0
+
+
+def test_attention_tool_writes_json_with_command_and_hardware(tmp_path):
+    out = tmp_path / 'attention.json'
+    proc = subprocess.run([sys.executable, 'tools/analysis/benchmark_attention.py', '--grids', '4', '--paths', 'hard',
+                           'hard-torch', '--repeats', '1', '--threads', '1', '--out', str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    payload = json.loads(out.read_text())
+    assert 'benchmark_attention.py --grids 4' in payload['command']
+    assert payload['hardware']['torch_threads'] == 1
+    assert '| 4x4 | 16 | hard | fwd |' in proc.stdout
+    bad = subprocess.run([sys.executable, 'tools/analysis/benchmark_attention.py', '--batch', '0'], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and '--batch must be positive, got 0' in bad.stderr
