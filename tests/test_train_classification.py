@@ -77,10 +77,10 @@ def setup(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope='module')
 def trained(setup, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """Two uninterrupted epochs."""
+    """Two uninterrupted epochs, logged for TensorBoard too."""
     config, data = setup
     work_dir = tmp_path_factory.mktemp('run_full')
-    return work_dir, _train(config, data, work_dir)
+    return work_dir, _train(config, data, work_dir, '--tensorboard')
 
 
 def test_single_process_train_and_val(trained):
@@ -93,6 +93,12 @@ def test_single_process_train_and_val(trained):
     assert Path((work_dir / 'last_checkpoint').read_text().strip()) == work_dir / 'epoch_2.pth'
     assert list(work_dir.glob('best_accuracy_top1_epoch_*.pth')), 'best checkpoint by top-1 kept'
     assert not list(work_dir.glob('.*.tmp')), 'no temporary checkpoint files left behind'
+    # --tensorboard: mmengine's TensorBoard backend wrote event files with the training scalars.
+    events = list(work_dir.glob('*/vis_data/events.out.tfevents.*'))
+    assert events, f'no TensorBoard event file under {work_dir}'
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    scalars = EventAccumulator(str(events[0].parent)).Reload().Tags()['scalars']
+    assert {'loss', 'lr', 'accuracy/top1'} <= set(scalars), scalars
     # The classifier's keys carry the backbone prefix that the detection backbone strips.
     weights = _weights(work_dir / 'epoch_2.pth')
     assert any(k.startswith('backbone.layers.0.blocks.0.attn') for k in weights)

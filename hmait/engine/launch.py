@@ -47,6 +47,9 @@ def parse_train_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--amp', action='store_true', help='automatic mixed precision (needs a GPU)')
     parser.add_argument('--auto-scale-lr', action='store_true',
                         help='scale the learning rate linearly with the total batch size (auto_scale_lr)')
+    parser.add_argument('--tensorboard', action='store_true',
+                        help="also log scalars for TensorBoard (mmengine's TensorboardVisBackend) under "
+                             '<work dir>/<timestamp>/vis_data')
     _add_common(parser)
     return parser.parse_args(argv)
 
@@ -157,6 +160,21 @@ def load_config(config: str, cfg_options: dict | None, work_dir: str | None, lau
     return cfg
 
 
+def enable_tensorboard(cfg: Config) -> None:
+    """Add mmengine's ``TensorboardVisBackend`` to the config's visualizer (once), next to its other backends."""
+    try:
+        import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it; fail here, not mid-run)
+    except ImportError:
+        raise RuntimeError('--tensorboard needs the tensorboard package, which `make setup` installs '
+                           '(requirements/lock.txt); this environment lacks it') from None
+    visualizer = cfg.get('visualizer') or ConfigDict(type='Visualizer')
+    backends = list(visualizer.get('vis_backends') or [ConfigDict(type='LocalVisBackend')])
+    if not any(b.get('type') == 'TensorboardVisBackend' for b in backends):
+        backends.append(ConfigDict(type='TensorboardVisBackend'))
+    visualizer.vis_backends = backends
+    cfg.visualizer = visualizer
+
+
 def _build_runner(cfg: Config) -> Runner:
     return RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
 
@@ -176,6 +194,8 @@ def train(argv: Sequence[str] | None = None) -> None:
         if 'auto_scale_lr' not in cfg or 'base_batch_size' not in cfg.auto_scale_lr:
             raise ValueError('--auto-scale-lr needs auto_scale_lr=dict(base_batch_size=N) in the config')
         cfg.auto_scale_lr.enable = True
+    if args.tensorboard:
+        enable_tensorboard(cfg)
     if args.resume == 'auto':
         latest = find_resume_checkpoint(cfg.work_dir)
         cfg.resume = latest is not None
