@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import sys
+import sysconfig
 from importlib import metadata
 from pathlib import Path
 
@@ -38,8 +39,11 @@ def _lock() -> dict[str, str]:
 
 
 def _installed() -> dict[str, str]:
+    """What the environment's site-packages holds. Not everything on sys.path: setuptools puts its
+    own vendored copies (packaging, wheel, ...) on sys.path once something imports it."""
     found = {}
-    for dist in metadata.distributions():
+    site_packages = sorted({sysconfig.get_paths()['purelib'], sysconfig.get_paths()['platlib']})
+    for dist in metadata.distributions(path=site_packages):
         if dist.metadata['Name'] is not None:
             found[canonicalize_name(dist.metadata['Name'])] = dist.version
     found.pop('hmait', None)
@@ -53,6 +57,9 @@ def _released() -> set[str]:
 
 
 def test_installed_environment_matches_the_lock():
+    # Once imported (mmengine imports it), setuptools adds its vendored packages to sys.path;
+    # they are not installed packages and must not count as drift.
+    import setuptools  # noqa: F401
     lock, installed, released = _lock(), _installed(), _released()
     assert all(TORCH_FAMILY.match(name) for name in released), \
         f'only torch-family packages may be released from the lock, got {sorted(released)}'

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+import sysconfig
 from importlib import metadata
 from pathlib import Path
 
@@ -26,9 +27,11 @@ HEADER = """\
 
 
 def installed_pins() -> dict[str, str]:
-    """Canonical name -> version of every distribution installed here, except the project."""
+    """Canonical name -> version of every distribution in this environment's site-packages, except
+    the project (not everything on sys.path: setuptools adds its vendored packages there)."""
     pins = {}
-    for dist in metadata.distributions():
+    site_packages = sorted({sysconfig.get_paths()['purelib'], sysconfig.get_paths()['platlib']})
+    for dist in metadata.distributions(path=site_packages):
         name = dist.metadata['Name']
         if name is None:  # a broken leftover directory in site-packages
             continue
