@@ -82,7 +82,7 @@ def test_failed_install_step_names_step_and_package(tmp_path):
     result = _run(repo, {**os.environ, 'HMAIT_PYTHON': sys.executable,
                          'HMAIT_WHEEL_CACHE': str(tmp_path / 'wheels')})
     assert result.returncode != 0
-    assert "step '[1/4] installing the build tools" in result.stderr
+    assert "step '[1/5] installing the build tools" in result.stderr
     assert 'failed while installing pip/setuptools/wheel/ninja' in result.stderr
     assert 'wheel==0.0.0.999' in result.stderr  # pip's own reason, from the end of its output
     assert 'the lock and setup.cfg disagree, or a pin does not exist' in result.stderr  # what to try

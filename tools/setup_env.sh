@@ -148,10 +148,10 @@ torch_args=()
 [[ -n "${HMAIT_TORCH_INDEX:-}" ]] && torch_args+=(--extra-index-url "$HMAIT_TORCH_INDEX")
 
 # setuptools<82 (pinned in the lock): mmcv's setup.py and mmengine import pkg_resources, which setuptools 82 removed.
-run_step "[1/4] installing the build tools (pip, setuptools, wheel, ninja) at their locked versions" \
+run_step "[1/5] installing the build tools (pip, setuptools, wheel, ninja) at their locked versions" \
   "pip/setuptools/wheel/ninja" "$retry_hint" \
   "${pip[@]}" install pip setuptools wheel ninja
-run_step "[2/4] installing torch==$torch_version and torchvision==$torchvision_version (a large download)" \
+run_step "[2/5] installing torch==$torch_version and torchvision==$torchvision_version (a large download)" \
   "torch==$torch_version torchvision==$torchvision_version" \
   "$retry_hint For another CUDA build set HMAIT_TORCH, HMAIT_TORCHVISION and HMAIT_TORCH_INDEX (requirements/README.md)." \
   "${pip[@]}" install "${torch_args[@]}" "torch==$torch_version" "torchvision==$torchvision_version"
@@ -163,32 +163,39 @@ if ! "$venv/bin/python" -c "import mmcv, mmcv.ops, sys; sys.exit(mmcv.__version_
   wheel="$(ls "$mmcv_dir"/mmcv-"$mmcv_version"-*.whl 2>/dev/null | head -n 1 || true)"
   if [[ -z "$wheel" ]]; then
     build="$(mktemp -d)"
-    run_step "[3/4] downloading the mmcv $mmcv_version source" "mmcv==$mmcv_version (source)" "$retry_hint" \
+    run_step "[3/5] downloading the mmcv $mmcv_version source" "mmcv==$mmcv_version (source)" "$retry_hint" \
       "${pip[@]}" download --no-deps --no-binary :all: --no-build-isolation --dest "$build" "mmcv==$mmcv_version"
     tar -xzf "$build"/mmcv-"$mmcv_version".tar.gz -C "$build"
     # torch >= 2.14 headers need C++20; mmcv 2.1.0 hard-codes -std=c++17.
     sed -i 's/-std=c++17/-std=c++20/g' "$build/mmcv-$mmcv_version/setup.py"
     (cd "$build/mmcv-$mmcv_version" && export MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
-      && run_step "[3/4] compiling mmcv $mmcv_version with its ops (about 10 minutes on 2 cores; cached afterwards in $mmcv_dir)" \
+      && run_step "[3/5] compiling mmcv $mmcv_version with its ops (about 10 minutes on 2 cores; cached afterwards in $mmcv_dir)" \
         "mmcv==$mmcv_version (compiled ops)" \
         "The compiler ($cxx) failed: check that it supports C++20 (g++ >= 10 or clang++ >= 10), or lower MAX_JOBS if it ran out of memory." \
         "${pip[@]}" wheel --no-build-isolation --no-deps -w "$mmcv_dir" .)
     rm -rf "$build"
     wheel="$(ls "$mmcv_dir"/mmcv-"$mmcv_version"-*.whl | head -n 1)"
   else
-    log "[3/4] using the cached mmcv wheel $wheel"
+    log "[3/5] using the cached mmcv wheel $wheel"
   fi
-  run_step "[3/4] installing $(basename "$wheel")" "mmcv==$mmcv_version" \
+  run_step "[3/5] installing $(basename "$wheel")" "mmcv==$mmcv_version" \
     "The cached wheel may be damaged: delete $mmcv_dir and run the command again to rebuild it." \
     "${pip[@]}" install --no-deps --force-reinstall "$wheel"
 else
-  log "[3/4] mmcv $mmcv_version with ops is already installed"
+  log "[3/5] mmcv $mmcv_version with ops is already installed"
 fi
 
 # --no-build-isolation keeps the editable build on the venv's locked setuptools.
-run_step "[4/4] installing the project and its dependencies at their locked versions" "hmait[dev] and its dependencies" \
+run_step "[4/5] installing the project and its dependencies at their locked versions" "hmait[dev] and its dependencies" \
   "$retry_hint" \
   "${pip[@]}" install --no-build-isolation -e ".[dev]"
+
+# The compiled CPU kernel of the masked heads (hmait/ops/csrc), built into ~/.cache/hmait/extensions
+# (HMAIT_EXTENSION_DIR) now rather than on a model's first forward pass.
+run_step "[5/5] compiling the CPU masked-attention kernel (about a minute)" "the hmait CPU kernel (hmait/ops/csrc)" \
+  "The C++ compiler failed on hmait/ops/csrc (it needs C++17 and OpenMP, e.g. g++ >= 9); see the compiler's lines above." \
+  env MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$venv/bin/python" -c \
+  "from hmait.ops import cpu_kernel; import sys; ok = cpu_kernel.build(verbose=True); print(cpu_kernel.cpu_kernel_status()[1]); sys.exit(not ok)"
 
 check_imports || fail "the environment was built but 'import hmait, mmcv.ops, mmdet.models, mmseg.models, timm' fails; see the traceback above"
 echo "$fingerprint" > "$stamp"

@@ -1,0 +1,238 @@
+"""Compiled CPU kernels for the hard and strict masked heads, forward and backward.
+
+The C++ sources in ``hmait/ops/csrc`` are built on first use (or by an explicit :func:`build`, which
+the set-up script can run) with ``torch.utils.cpp_extension.load`` into a cache folder:
+``$HMAIT_EXTENSION_DIR`` if set, else ``~/.cache/hmait/extensions/torch-<version>-py<major><minor>``.
+Later processes reuse the built library. ``import hmait`` never imports this module, so importing
+the package never needs a compiler.
+
+The kernels register two torch custom ops, opaque to ``torch.compile``:
+
+* ``hmait::masked_attention_cpu_fwd(q, k, v, h, w, num_prefix, mask_size, hard, scale) -> (out, lse)``
+* ``hmait::masked_attention_cpu_bwd(grad_out, q, k, v, out, lse, h, w, num_prefix, mask_size, hard,
+  scale) -> (grad_q, grad_k, grad_v)``
+
+Layout contract: q, k ``(B, N, heads, d)`` and v ``(B, N, heads, d_v)`` with any strides (the channel
+dimension should be contiguous, else it is copied), e.g. views of the qkv projection output reshaped
+to ``(B, N, 3, heads, d)``. ``out`` is a new contiguous ``(B, N, heads, d_v)`` tensor, so
+``out.view(B, N, heads * d_v)`` is the input of the output projection without a copy. ``lse`` is
+``(B, heads, N)`` in float32 (float64 for float64 inputs). All arithmetic is in float32 (float64 for
+float64) whatever the input dtype; q, k, v are read in their own dtype. Semantics are exactly those
+of :func:`hmait.ops.masked_attention` for modes 'hard' and 'strict', prefix queries included.
+
+:func:`masked_attention_bnhd` (token-major layout) and :func:`masked_attention_cpu` (the
+``(B, heads, N, d)`` layout of :func:`hmait.ops.masked_attention`) are differentiable wrappers.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = ['build', 'cpu_kernel_status', 'decided_status', 'extension_dir', 'is_available', 'kernel_isa',
+           'masked_attention_bnhd', 'masked_attention_cpu']
+
+_EXTENSION_NAME = 'hmait_masked_attention_cpu'
+_CSRC = Path(__file__).resolve().parent / 'csrc'
+_SOURCES = ('masked_attention_cpu.cpp', 'masked_attention_cpu_default.cpp', 'masked_attention_cpu_avx2.cpp',
+            'masked_attention_cpu_avx512.cpp')
+_HEADERS = ('masked_attention_cpu_kernel.h', 'masked_attention_cpu_kernel_impl.h')
+# No -march flags: the AVX2 and AVX-512 variants are enabled per function in their own sources and
+# chosen at run time from the CPU, so the library runs on any x86-64 (and builds elsewhere).
+_CFLAGS = ('-O3', '-fopenmp', '-ffp-contract=fast')
+_LDFLAGS = ('-fopenmp',)
+_MODES = ('hard', 'strict')
+
+_lock = threading.Lock()
+_status: tuple[bool, str] | None = None
+
+
+def extension_dir() -> Path:
+    """Folder of the built library: ``$HMAIT_EXTENSION_DIR``, else a per-torch-version user cache."""
+    configured = os.environ.get('HMAIT_EXTENSION_DIR')
+    if configured:
+        return Path(configured).expanduser()
+    version = torch.__version__.replace('+', '_')
+    python = f'py{sys.version_info[0]}{sys.version_info[1]}'
+    return Path.home() / '.cache' / 'hmait' / 'extensions' / f'torch-{version}-{python}'
+
+
+def _missing_prerequisite() -> str | None:
+    """Why a build cannot even start, checked before handing over to cpp_extension."""
+    missing = [name for name in _SOURCES + _HEADERS if not (_CSRC / name).is_file()]
+    if missing:
+        return f'the kernel sources are not installed: {", ".join(missing)} missing from {_CSRC}'
+    if sys.platform == 'win32':
+        return 'the CPU kernel is built with GCC or Clang; Windows builds are not supported'
+    compiler = os.environ.get('CXX', 'c++')
+    if shutil.which(compiler) is None:
+        source = 'the CXX environment variable' if 'CXX' in os.environ else 'the default'
+        return f'no C++ compiler: {compiler!r} (from {source}) was not found'
+    try:
+        from torch.utils.cpp_extension import verify_ninja_availability
+        verify_ninja_availability()
+    except RuntimeError as err:
+        return f'ninja is needed to build the kernel and was not found ({err}); pip install ninja'
+    return None
+
+
+def _summarise_build_error(err: BaseException) -> str:
+    text = str(err).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if 'error' in line.lower()]
+    detail = ' | '.join((errors or lines)[-6:])
+    return f'building the extension failed ({type(err).__name__}): {detail[-1500:]}'
+
+
+def _register_python_parts() -> None:
+    """Fake (meta) kernels for torch.compile and the autograd formula of the forward op."""
+    torch.library.register_fake('hmait::masked_attention_cpu_fwd', _fwd_fake)
+    torch.library.register_fake('hmait::masked_attention_cpu_bwd', _bwd_fake)
+    torch.library.register_autograd('hmait::masked_attention_cpu_fwd', _backward, setup_context=_setup_context)
+
+
+def _load(verbose: bool) -> tuple[bool, str]:
+    reason = _missing_prerequisite()
+    if reason is not None:
+        return False, reason
+    from torch.utils import cpp_extension
+
+    build_dir = extension_dir()
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load(name=_EXTENSION_NAME, sources=[str(_CSRC / name) for name in _SOURCES],
+                           extra_cflags=list(_CFLAGS), extra_ldflags=list(_LDFLAGS),
+                           extra_include_paths=[str(_CSRC)], build_directory=str(build_dir),
+                           is_python_module=False, verbose=verbose)
+    except (Exception, SystemExit) as err:  # cpp_extension reports failures as several exception types
+        return False, _summarise_build_error(err)
+    if not hasattr(torch.ops.hmait, 'masked_attention_cpu_fwd'):
+        return False, f'the extension in {build_dir} loaded but did not register hmait::masked_attention_cpu_fwd'
+    _register_python_parts()
+    return True, f'built in {build_dir}, instruction set {torch.ops.hmait.masked_attention_cpu_isa("")}'
+
+
+def build(verbose: bool = False) -> bool:
+    """Build (or load the cached build of) the kernel; safe to call from several threads and processes.
+
+    Returns whether the kernel is usable; :func:`cpu_kernel_status` says why not. The outcome,
+    success or failure, is remembered for the process.
+    """
+    global _status
+    # Lock-free once decided, which also lets torch.compile trace through the wrappers below.
+    if _status is None:
+        with _lock:
+            if _status is None:
+                _status = _load(verbose)
+    return _status[0]
+
+
+def cpu_kernel_status() -> tuple[bool, str]:
+    """``(available, reason)``: builds on first call, then reports the remembered outcome."""
+    build()
+    return _status
+
+
+def decided_status() -> tuple[bool, str] | None:
+    """The outcome of the build if one was attempted in this process, else None; never builds.
+
+    For callers that must not start a build, e.g. a dispatcher running under ``torch.compile``
+    tracing, where taking the build lock is not traceable.
+    """
+    return _status
+
+
+def is_available() -> bool:
+    """Whether the kernel is built and loaded (building it on first call)."""
+    return build()
+
+
+def kernel_isa(requested: str = '') -> str:
+    """The instruction-set variant in use ('default', 'avx2', 'avx512'); ``requested`` selects one
+    ('best' restores the automatic choice). The automatic choice honours ``ATEN_CPU_CAPABILITY``."""
+    _require()
+    return torch.ops.hmait.masked_attention_cpu_isa(requested)
+
+
+def _require() -> None:
+    if not build():
+        raise RuntimeError(f'the hmait CPU masked-attention kernel is unavailable: {_status[1]}')
+
+
+# ---- autograd and fake kernels ----
+
+def _fwd_fake(q, k, v, h, w, num_prefix, mask_size, hard, scale):
+    b, n, heads, _ = q.shape
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty(b, n, heads, v.shape[-1]), q.new_empty(b, heads, n, dtype=acc)
+
+
+def _bwd_fake(grad_out, q, k, v, out, lse, h, w, num_prefix, mask_size, hard, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, h, w, num_prefix, mask_size, hard, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.config = (h, w, num_prefix, mask_size, hard, scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    grad_q, grad_k, grad_v = torch.ops.hmait.masked_attention_cpu_bwd(grad_out, q, k, v, out, lse, *ctx.config)
+    return grad_q, grad_k, grad_v, None, None, None, None, None, None
+
+
+# ---- wrappers ----
+
+def _check_call(q: torch.Tensor, hw, mask_size: int, mode: str, num_prefix_tokens: int) -> tuple[int, int]:
+    if mode not in _MODES:
+        raise ValueError(f'the CPU kernel implements mode {_MODES}, got {mode!r}')
+    if isinstance(mask_size, bool) or not isinstance(mask_size, int) or mask_size <= 0 or mask_size % 2 == 0:
+        raise ValueError(f'mask_size must be a positive odd integer (3, 5, ...), got {mask_size!r}')
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+        raise ValueError(f'num_prefix_tokens must be a non-negative integer, got {num_prefix_tokens!r}')
+    try:
+        h, w = (int(s) for s in hw)
+    except (TypeError, ValueError):
+        raise ValueError(f'hw must be a pair (height, width) of the token grid, got {hw!r}') from None
+    return h, w
+
+
+def masked_attention_bnhd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw, mask_size: int = 3,
+                          mode: str = 'hard', num_prefix_tokens: int = 0, scale: float | None = None) -> torch.Tensor:
+    """Masked attention in the token-major layout, differentiable in q, k and v.
+
+    Args:
+        q, k: ``(B, N, heads, d)``; v: ``(B, N, heads, d_v)``; any strides, e.g. views of
+            ``qkv.reshape(B, N, 3, heads, d)``. ``N = num_prefix_tokens + h*w``.
+        mode: 'hard' or 'strict'. scale: logit scale, ``1/sqrt(d)`` by default.
+
+    Returns:
+        A new contiguous ``(B, N, heads, d_v)`` tensor in the dtype of q.
+    """
+    h, w = _check_call(q, hw, mask_size, mode, num_prefix_tokens)
+    _require()
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, _ = torch.ops.hmait.masked_attention_cpu_fwd(q, k, v, h, w, num_prefix_tokens, mask_size, mode == 'hard',
+                                                      scale)
+    return out
+
+
+def masked_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw, mask_size: int = 3,
+                         mode: str = 'hard', num_prefix_tokens: int = 0, scale: float | None = None) -> torch.Tensor:
+    """:func:`hmait.ops.masked_attention` for modes 'hard' and 'strict' through the CPU kernel.
+
+    q, k ``(B, heads, N, d)``, v ``(B, heads, N, d_v)`` -> ``(B, heads, N, d_v)``. The inputs are
+    passed to the kernel as transposed views and the result is a transposed view of the kernel's
+    token-major output, so ``out.transpose(1, 2).reshape(B, N, heads * d_v)`` copies nothing.
+    """
+    out = masked_attention_bnhd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), hw, mask_size, mode,
+                                num_prefix_tokens, scale)
+    return out.transpose(1, 2)

@@ -1,0 +1,264 @@
+// Hard and strict masked attention on CPU as torch custom ops (namespace hmait), forward and backward.
+//
+//   hmait::masked_attention_cpu_fwd(q, k, v, h, w, num_prefix, mask_size, hard, scale) -> (out, lse)
+//   hmait::masked_attention_cpu_bwd(grad_out, q, k, v, out, lse, h, w, num_prefix, mask_size, hard, scale)
+//       -> (grad_q, grad_k, grad_v)
+//
+// Layout: q, k are (B, N, heads, d) and v is (B, N, heads, d_v), read through their strides (only the
+// channel dimension must be contiguous, else it is made so), so they can be views of the qkv projection
+// output (B, N, 3, heads, d). out is a new contiguous (B, N, heads, d_v) tensor in the dtype of q: viewed
+// as (B, N, heads * d_v) it is what the output projection reads, without a copy. lse is (B, heads, N),
+// float32 (float64 for float64 inputs). The gradients are new contiguous tensors shaped like the inputs.
+//
+// Work is split between threads with at::parallel_for (torch's own thread pool and thread count); the
+// compute kernels live in one translation unit per instruction set, chosen at run time from the CPU.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <string>
+#include <tuple>
+
+#include "masked_attention_cpu_kernel.h"
+
+namespace hmait_cpu {
+namespace {
+
+using at::Tensor;
+
+// ---- instruction-set selection ----
+
+constexpr const char* kIsaNames[] = {"default", "avx2", "avx512"};
+
+KernelFn kernel_for(int isa) {
+  switch (isa) {
+    case 2: return kernel_avx512();
+    case 1: return kernel_avx2();
+    default: return kernel_default();
+  }
+}
+
+bool cpu_supports(int isa) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  if (isa == 2)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("bmi2");
+  if (isa == 1)
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
+#endif
+  return isa == 0;
+}
+
+bool usable(int isa) { return kernel_for(isa) != nullptr && cpu_supports(isa); }
+
+int best_isa() {
+  // ATEN_CPU_CAPABILITY caps torch's own kernels; it caps these the same way.
+  int cap = 2;
+  if (const char* env = std::getenv("ATEN_CPU_CAPABILITY")) {
+    const std::string value(env);
+    if (value == "default") cap = 0;
+    else if (value == "avx2") cap = 1;
+  }
+  for (int isa = cap; isa > 0; --isa)
+    if (usable(isa)) return isa;
+  return 0;
+}
+
+std::atomic<int>& current_isa() {
+  static std::atomic<int> isa{best_isa()};
+  return isa;
+}
+
+// Reports the instruction set in use; a non-empty request selects another ('best' for the default choice).
+std::string select_isa(c10::string_view requested) {
+  const std::string name(requested.data(), requested.size());
+  if (name == "best") {
+    current_isa() = best_isa();
+  } else if (!name.empty()) {
+    int isa = -1;
+    for (int i = 0; i < 3; ++i)
+      if (name == kIsaNames[i]) isa = i;
+    TORCH_CHECK(isa >= 0, "masked_attention_cpu_isa: requested must be '', 'best', 'default', 'avx2' or 'avx512', "
+                "got '", name, "'");
+    TORCH_CHECK(usable(isa), "masked_attention_cpu_isa: '", name, "' is not available ",
+                kernel_for(isa) == nullptr ? "in this build (compiler or architecture)" : "on this CPU");
+    current_isa() = isa;
+  }
+  return kIsaNames[current_isa().load()];
+}
+
+// ---- argument checks ----
+
+DType dtype_of(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    default:
+      TORCH_CHECK(false, "masked_attention_cpu: q, k, v must be float32, float64, bfloat16 or float16, got ",
+                  t.scalar_type());
+  }
+}
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The kernels read the channel dimension with unit stride; other strides are free.
+Tensor channels_contiguous(const Tensor& t) { return t.size(3) <= 1 || t.stride(3) == 1 ? t : t.contiguous(); }
+
+View view_of(const Tensor& t) {
+  View view;
+  view.data = t.data_ptr();
+  view.stride_b = t.stride(0);
+  view.stride_n = t.stride(1);
+  view.stride_h = t.stride(2);
+  return view;
+}
+
+void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, int64_t h, int64_t w, int64_t num_prefix,
+                  int64_t mask_size) {
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor&>{"q", q}, {"k", k}, {"v", v}}) {
+    TORCH_CHECK(t.dim() == 4, "masked_attention_cpu: ", name, " must have shape (B, N, heads, d), got ", t.sizes());
+    TORCH_CHECK(t.device().is_cpu(), "masked_attention_cpu: ", name, " must be a CPU tensor, got ", t.device());
+    TORCH_CHECK(t.scalar_type() == q.scalar_type(), "masked_attention_cpu: q, k, v must share a dtype, got ",
+                q.scalar_type(), " and ", t.scalar_type(), " for ", name);
+  }
+  dtype_of(q);
+  TORCH_CHECK(k.sizes() == q.sizes(), "masked_attention_cpu: k must have the shape of q ", q.sizes(), ", got ",
+              k.sizes());
+  TORCH_CHECK(v.size(0) == q.size(0) && v.size(1) == q.size(1) && v.size(2) == q.size(2),
+              "masked_attention_cpu: v must share (B, N, heads) with q ", q.sizes(), ", got ", v.sizes());
+  TORCH_CHECK(mask_size > 0 && mask_size % 2 == 1, "masked_attention_cpu: mask_size must be a positive odd integer, "
+              "got ", mask_size);
+  TORCH_CHECK(h > 0 && w > 0, "masked_attention_cpu: the grid (h, w) must be positive, got (", h, ", ", w, ")");
+  TORCH_CHECK(num_prefix >= 0, "masked_attention_cpu: num_prefix must be >= 0, got ", num_prefix);
+  TORCH_CHECK(q.size(1) == num_prefix + h * w, "masked_attention_cpu: the token count N=", q.size(1),
+              " must equal num_prefix + h*w = ", num_prefix, " + ", h, "*", w);
+}
+
+Args make_args(const Tensor& q, const Tensor& k, const Tensor& v, int64_t h, int64_t w, int64_t num_prefix,
+               int64_t mask_size, bool hard, double scale) {
+  Args args;
+  args.dtype = dtype_of(q);
+  args.batch = q.size(0);
+  args.heads = q.size(2);
+  args.num_prefix = num_prefix;
+  args.h = h;
+  args.w = w;
+  args.head_dim = q.size(3);
+  args.value_dim = v.size(3);
+  args.mask_size = mask_size;
+  args.hard = hard;
+  args.scale = scale;
+  args.q = view_of(q);
+  args.k = view_of(k);
+  args.v = view_of(v);
+  return args;
+}
+
+// Runs one stage over `items` independent work items, split between torch's threads.
+void run_stage(KernelFn kernel, Stage stage, const Args& args, int64_t items, int64_t grain) {
+  if (items <= 0) return;
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) { kernel(stage, args, begin, end); });
+}
+
+// Work items of the grid stages cost about mask_size^2 * d multiply-adds; aim for chunks of ~32k.
+int64_t grid_grain(const Args& args) {
+  const int64_t per_item = (args.mask_size * args.mask_size + args.num_prefix) * (args.head_dim + args.value_dim);
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(per_item, 1));
+}
+
+// ---- the ops ----
+
+std::tuple<Tensor, Tensor> masked_attention_cpu_fwd(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                                                    int64_t h, int64_t w, int64_t num_prefix, int64_t mask_size,
+                                                    bool hard, double scale) {
+  check_inputs(q_in, k_in, v_in, h, w, num_prefix, mask_size);
+  const Tensor q = channels_contiguous(q_in), k = channels_contiguous(k_in), v = channels_contiguous(v_in);
+  const int64_t batch = q.size(0), n = q.size(1), heads = q.size(2);
+  const auto acc = q.options().dtype(acc_type(q.scalar_type()));
+  Tensor out = at::empty({batch, n, heads, v.size(3)}, q.options());
+  Tensor lse = at::empty({batch, heads, n}, acc);
+  // Hard mode: the sum of the grid values, (B, heads, d_v), a reduction torch does well (and, for
+  // bfloat16 / float16, accumulates in float32 without an upcast copy).
+  Tensor value_sum = hard ? at::sum(v.narrow(1, num_prefix, h * w), {1}, false, acc_type(q.scalar_type())).contiguous()
+                          : at::empty({0}, acc);
+
+  Args args = make_args(q, k, v, h, w, num_prefix, mask_size, hard, scale);
+  args.out = view_of(out);
+  args.lse = lse.data_ptr();
+  args.value_sum = value_sum.data_ptr();
+  const KernelFn kernel = kernel_for(current_isa().load());
+  run_stage(kernel, Stage::kForwardGrid, args, batch * heads * h * w, grid_grain(args));
+  run_stage(kernel, Stage::kForwardPrefix, args, batch * heads * num_prefix, 1);
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> masked_attention_cpu_bwd(
+    const Tensor& grad_out_in, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& out_in,
+    const Tensor& lse_in, int64_t h, int64_t w, int64_t num_prefix, int64_t mask_size, bool hard, double scale) {
+  check_inputs(q_in, k_in, v_in, h, w, num_prefix, mask_size);
+  const Tensor q = channels_contiguous(q_in), k = channels_contiguous(k_in), v = channels_contiguous(v_in);
+  const int64_t batch = q.size(0), n = q.size(1), heads = q.size(2);
+  const auto value_shape = v.sizes();
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor&>{"grad_out", grad_out_in}, {"out", out_in}}) {
+    TORCH_CHECK(t.sizes() == value_shape, "masked_attention_cpu_bwd: ", name, " must have shape ", value_shape,
+                ", got ", t.sizes());
+  }
+  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == batch && lse_in.size(1) == heads && lse_in.size(2) == n,
+              "masked_attention_cpu_bwd: lse must have shape (", batch, ", ", heads, ", ", n, "), got ", lse_in.sizes());
+  const auto acc_dtype = acc_type(q.scalar_type());
+  const Tensor grad_out = channels_contiguous(grad_out_in.to(q.scalar_type()));
+  const Tensor out = channels_contiguous(out_in.to(q.scalar_type()));
+  const Tensor lse = lse_in.to(acc_dtype).contiguous();
+  const auto acc = q.options().dtype(acc_dtype);
+  Tensor delta = at::empty({batch, heads, n}, acc);
+  Tensor outside_grad = at::empty({hard ? batch : 0, heads, v.size(3)}, acc);
+  Tensor outside_prob = at::empty({hard ? batch : 0, heads, n}, acc);
+  Tensor grad_q = at::empty(q.sizes(), q.options());
+  Tensor grad_k = at::empty(k.sizes(), k.options());
+  Tensor grad_v = at::empty(v.sizes(), v.options());
+
+  Args args = make_args(q, k, v, h, w, num_prefix, mask_size, hard, scale);
+  args.out = view_of(out);
+  args.grad_out = view_of(grad_out);
+  args.lse = lse.data_ptr();
+  args.delta = delta.data_ptr();
+  args.value_sum = outside_grad.data_ptr();
+  args.outside_prob = outside_prob.data_ptr();
+  args.grad_q = grad_q.data_ptr();
+  args.grad_k = grad_k.data_ptr();
+  args.grad_v = grad_v.data_ptr();
+  const KernelFn kernel = kernel_for(current_isa().load());
+  run_stage(kernel, Stage::kBackwardDelta, args, batch * heads * n, 2048);
+  if (hard) run_stage(kernel, Stage::kOutsideGrad, args, batch * heads, 1);
+  run_stage(kernel, Stage::kBackwardGrid, args, batch * heads * h * w, std::max<int64_t>(1, grid_grain(args) / 4));
+  run_stage(kernel, Stage::kBackwardPrefixQuery, args, batch * heads * num_prefix, 1);
+  run_stage(kernel, Stage::kBackwardPrefixKey, args, batch * heads * num_prefix, 1);
+  return {grad_q, grad_k, grad_v};
+}
+
+}  // namespace
+}  // namespace hmait_cpu
+
+// A fragment, not a definition: other parts of hmait register ops in the same namespace from Python.
+TORCH_LIBRARY_FRAGMENT(hmait, m) {
+  m.def("masked_attention_cpu_fwd(Tensor q, Tensor k, Tensor v, int h, int w, int num_prefix, int mask_size, "
+        "bool hard, float scale) -> (Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
+  m.def("masked_attention_cpu_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, int h, "
+        "int w, int num_prefix, int mask_size, bool hard, float scale) -> (Tensor, Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
+  m.def("masked_attention_cpu_isa(str requested='') -> str", &hmait_cpu::select_isa);
+}
+
+TORCH_LIBRARY_IMPL(hmait, CPU, m) {
+  m.impl("masked_attention_cpu_fwd", &hmait_cpu::masked_attention_cpu_fwd);
+  m.impl("masked_attention_cpu_bwd", &hmait_cpu::masked_attention_cpu_bwd);
+}

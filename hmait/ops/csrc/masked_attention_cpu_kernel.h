@@ -1,0 +1,68 @@
+// The interface between the op layer (masked_attention_cpu.cpp, which knows torch) and the
+// compute kernels (one translation unit per instruction set, which know only plain C++).
+//
+// Keeping torch out of the kernel translation units matters for two reasons: they compile in a
+// few seconds, and they can be compiled for AVX2 / AVX-512 without risking that an inline
+// function from a torch header gets emitted with those instructions and then picked by the
+// linker for a caller on a CPU without them.
+#pragma once
+
+#include <cstdint>
+
+namespace hmait_cpu {
+
+enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
+
+// A (B, N, heads, C) tensor read through its strides (in elements); the last dimension is contiguous.
+struct View {
+  const void* data = nullptr;
+  int64_t stride_b = 0;
+  int64_t stride_n = 0;
+  int64_t stride_h = 0;
+};
+
+// Everything a stage needs. Token n of a (B, N, ...) tensor is a prefix token for n < num_prefix and
+// grid position g = n - num_prefix, at (g / w, g % w), otherwise.
+struct Args {
+  DType dtype = DType::kFloat32;
+  int64_t batch = 0, heads = 0, num_prefix = 0, h = 0, w = 0, head_dim = 0, value_dim = 0;
+  int64_t mask_size = 3;
+  bool hard = true;
+  double scale = 1.0;
+  View q, k, v;
+  View out;          // forward: written, contiguous (B, N, heads, value_dim); backward: the saved output
+  View grad_out;     // backward only
+  void* lse = nullptr;        // (B, heads, N) in the accumulation type (float64 for float64, else float32)
+  void* delta = nullptr;      // backward: (B, heads, N) accumulation type, grad_out . out per row
+  void* value_sum = nullptr;  // forward (hard): sum of the grid values, given; backward (hard): the outside
+                              // gradient of the grid values, computed; (B, heads, value_dim), accumulation type
+  void* outside_prob = nullptr;  // backward (hard): (B, heads, N) accumulation type, exp(-lse_i) where query i
+                                 // has non-neighbours, else 0
+  void* grad_q = nullptr;     // backward: contiguous (B, N, heads, head_dim) in the input dtype
+  void* grad_k = nullptr;
+  void* grad_v = nullptr;     // contiguous (B, N, heads, value_dim)
+};
+
+// The stages of forward and backward. Each runs over a range of independent work items, so the
+// op layer can split it between threads; no two items write the same memory. Items are numbered
+// row-major in the order given, e.g. (b, grid position, head): consecutive items then read
+// neighbouring memory of the token-major q, k, v, which the hardware prefetchers follow. Grid
+// positions are taken in vertical strips of a few columns (see MaskedKernel::Cursor).
+enum class Stage : int {
+  kForwardGrid = 1,      // items: (b, grid pos, head)  -> out, lse of the grid queries
+  kForwardPrefix = 2,    // items: (b, head, prefix)    -> out, lse of the prefix queries
+  kBackwardDelta = 3,    // items: (b, token, head)     -> delta, outside_prob
+  kOutsideGrad = 4,      // items: (b, head)            -> value_sum = sum_i exp(-lse_i) grad_out_i (hard)
+  kBackwardGrid = 5,     // items: (b, grid pos, head)  -> grad_q of the query, grad_k / grad_v of the key there
+  kBackwardPrefixQuery = 6,  // items: (b, head, prefix) -> grad_q of the prefix queries
+  kBackwardPrefixKey = 7,    // items: (b, head, prefix) -> grad_k / grad_v of the prefix keys
+};
+
+using KernelFn = void (*)(Stage stage, const Args& args, int64_t begin, int64_t end);
+
+// One entry point per instruction set; a null pointer where the compiler could not build that variant.
+KernelFn kernel_default();
+KernelFn kernel_avx2();
+KernelFn kernel_avx512();
+
+}  // namespace hmait_cpu

@@ -1,0 +1,723 @@
+// Compute kernels of the hard and strict masked heads on CPU, forward and backward.
+//
+// Textually included inside one namespace per instruction set (see masked_attention_cpu_<isa>.cpp),
+// after <algorithm>, <cmath>, <cstdint>, <cstring>, <limits>, <utility> and <vector>; it includes
+// nothing itself, so that no standard-library function gets compiled with the instruction set of
+// the including file.
+//
+// Semantics (those of hmait.ops.masked_attention): a grid query i attends to the keys of its
+// mask_size x mask_size box (truncated at the border) and to the P prefix keys, with logits
+// s_ij = scale * q_i . k_j. In hard mode every other grid key has logit 0, so the c_i of them add
+// exp(-m) * c_i to the denominator and exp(-m) * (sum of all grid v - sum of the box's v) to the
+// numerator; the grid value sum is one reduction per (batch, head). In strict mode they are absent.
+// Prefix queries attend to every token with plain logits, in both modes.
+//
+// Inner loops run over the head dimension in vectors (GCC / Clang vector extensions), read q, k, v, grad_out in
+// their storage type and convert in registers; all arithmetic is in the accumulation type (float32
+// for float32 / bfloat16 / float16, float64 for float64).
+
+// Internal linkage: nothing here is exported, nothing is called through the PLT, and the compiler
+// is free to inline.
+namespace {
+
+// The small helpers of the inner loops must be inlined whatever the compiler's size heuristics say.
+#define HMAIT_INLINE inline __attribute__((always_inline))
+
+// Bit casts through memcpy: well defined, and compiled to plain register moves.
+HMAIT_INLINE float bits_to_float(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+HMAIT_INLINE uint32_t float_to_bits(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  return bits;
+}
+
+// bfloat16 is the upper half of a float32.
+HMAIT_INLINE float bf16_to_float(uint16_t x) { return bits_to_float(uint32_t(x) << 16); }
+
+inline uint16_t float_to_bf16(float f) {
+  const uint32_t bits = float_to_bits(f);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x40u);  // NaN stays a quiet NaN
+  // Round to nearest, ties to even, on the 16 dropped bits.
+  return uint16_t((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+// IEEE half to float without branches, so that the loops over the head dimension vectorise.
+// Normal halves (and inf / NaN): move exponent and mantissa into float position, which leaves the
+// exponent biased by 15 instead of 127, and fix the bias with one exact multiplication by 2^-112.
+// Subnormal halves m * 2^-24: place m in the mantissa of 0.5 and subtract 0.5.
+HMAIT_INLINE float f16_to_float(uint16_t x) {
+  const uint32_t shifted = uint32_t(x) << 16;
+  const uint32_t sign = shifted & 0x80000000u;
+  const uint32_t unsigned_bits = shifted + shifted;  // sign dropped: exponent in bits 31..27
+  const float normal = bits_to_float((unsigned_bits >> 4) + (224u << 23)) * 0x1.0p-112f;
+  const float subnormal = bits_to_float((unsigned_bits >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t magnitude = unsigned_bits < (1u << 27) ? float_to_bits(subnormal) : float_to_bits(normal);
+  return bits_to_float(sign | magnitude);
+}
+
+// Float to IEEE half, round to nearest even. Called once per stored element, so branches are fine.
+inline uint16_t float_to_f16(float f) {
+  const uint32_t bits = float_to_bits(f);
+  const uint32_t sign = (bits >> 16) & 0x8000u;
+  const uint32_t magnitude = bits & 0x7fffffffu;
+  if (magnitude > 0x7f800000u) return uint16_t(sign | 0x7e00u);   // NaN
+  if (magnitude >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // rounds to 65520 or more: inf
+  if (magnitude >= 0x38800000u) {                                 // a normal half (>= 2^-14)
+    const uint32_t rounded = magnitude + 0xfffu + ((magnitude >> 13) & 1u);
+    return uint16_t(sign | ((rounded >> 13) - (112u << 10)));     // rebias the exponent from 127 to 15
+  }
+  // Subnormal half: adding 0.5 rounds |f| to a multiple of 2^-24 (the ulp of 0.5), the half's unit.
+  return uint16_t(sign | (float_to_bits(bits_to_float(magnitude) + 0.5f) - 0x3f000000u));
+}
+
+// Vectors of HMAIT_VECTOR_BYTES bytes (GCC / Clang vector extensions); the including file sets the
+// width of its instruction set. Loads go through memcpy, which compiles to unaligned vector loads.
+typedef float VecFloat __attribute__((vector_size(HMAIT_VECTOR_BYTES)));
+typedef double VecDouble __attribute__((vector_size(HMAIT_VECTOR_BYTES)));
+typedef uint32_t VecBits32 __attribute__((vector_size(HMAIT_VECTOR_BYTES)));
+typedef uint16_t VecBits16 __attribute__((vector_size(HMAIT_VECTOR_BYTES / 2)));
+
+template <typename To, typename From>
+HMAIT_INLINE To bit_cast_to(const From& from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast_to needs equal sizes");
+  To to;
+  std::memcpy(&to, &from, sizeof(to));
+  return to;
+}
+
+template <typename V>
+HMAIT_INLINE V load_vector(const void* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename V>
+HMAIT_INLINE void store_vector(void* p, const V& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// Sum of the lanes by halving: log2(lanes) shuffles and adds, in registers.
+template <typename E, int Bytes>
+struct HorizontalSum {
+  typedef E Full __attribute__((vector_size(Bytes)));
+  static constexpr size_t kHalf = Bytes / sizeof(E) / 2;
+  template <size_t... I>
+  static HMAIT_INLINE E fold(const Full& v, std::index_sequence<I...>) {
+    return HorizontalSum<E, Bytes / 2>::run(__builtin_shufflevector(v, v, I...) +
+                                            __builtin_shufflevector(v, v, (I + kHalf)...));
+  }
+  static HMAIT_INLINE E run(const Full& v) { return fold(v, std::make_index_sequence<kHalf>{}); }
+};
+
+template <typename E>
+struct HorizontalSum<E, int(2 * sizeof(E))> {
+  typedef E Full __attribute__((vector_size(2 * sizeof(E))));
+  static HMAIT_INLINE E run(const Full& v) { return v[0] + v[1]; }
+};
+
+// Largest lane, by the same halving.
+template <typename E, int Bytes>
+struct HorizontalMax {
+  typedef E Full __attribute__((vector_size(Bytes)));
+  static constexpr size_t kHalf = Bytes / sizeof(E) / 2;
+  template <size_t... I>
+  static HMAIT_INLINE E fold(const Full& v, std::index_sequence<I...>) {
+    const auto low = __builtin_shufflevector(v, v, I...);
+    const auto high = __builtin_shufflevector(v, v, (I + kHalf)...);
+    return HorizontalMax<E, Bytes / 2>::run(low > high ? low : high);
+  }
+  static HMAIT_INLINE E run(const Full& v) { return fold(v, std::make_index_sequence<kHalf>{}); }
+};
+
+template <typename E>
+struct HorizontalMax<E, int(2 * sizeof(E))> {
+  typedef E Full __attribute__((vector_size(2 * sizeof(E))));
+  static HMAIT_INLINE E run(const Full& v) { return v[0] > v[1] ? v[0] : v[1]; }
+};
+
+// Asks for the cache lines of n elements at p ahead of their use.
+template <typename S>
+inline void prefetch(const S* p, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t offset = 0; offset < n * int64_t(sizeof(S)); offset += 64) __builtin_prefetch(bytes + offset, 0, 3);
+}
+
+// Sixteen-bit floats to float32 lanes: widen to 32 bits, then the same bit operations as above.
+HMAIT_INLINE VecFloat bf16_to_float_vector(const uint16_t* p) {
+  return bit_cast_to<VecFloat>(__builtin_convertvector(load_vector<VecBits16>(p), VecBits32) << 16);
+}
+
+HMAIT_INLINE VecFloat f16_to_float_vector(const uint16_t* p) {
+  const VecBits32 shifted = __builtin_convertvector(load_vector<VecBits16>(p), VecBits32) << 16;
+  const VecBits32 sign = shifted & 0x80000000u;
+  const VecBits32 unsigned_bits = shifted + shifted;
+  const VecFloat normal = bit_cast_to<VecFloat>((unsigned_bits >> 4) + (224u << 23)) * 0x1.0p-112f;
+  const VecFloat subnormal = bit_cast_to<VecFloat>((unsigned_bits >> 17) | (126u << 23)) - 0.5f;
+  const VecBits32 magnitude =
+      unsigned_bits < (1u << 27) ? bit_cast_to<VecBits32>(subnormal) : bit_cast_to<VecBits32>(normal);
+  return bit_cast_to<VecFloat>(sign | magnitude);
+}
+
+struct BFloat16Tag {};
+struct Float16Tag {};
+
+// Per input dtype: storage type S, accumulation type A, and vector V of A with `lanes` lanes.
+template <typename T> struct Traits;
+
+template <> struct Traits<float> {
+  using storage = float;
+  using acc = float;
+  using vec = VecFloat;
+  static inline float load(float x) { return x; }
+  static HMAIT_INLINE vec load_lanes(const float* p) { return load_vector<VecFloat>(p); }
+  static inline float store(float x) { return x; }
+};
+
+template <> struct Traits<double> {
+  using storage = double;
+  using acc = double;
+  using vec = VecDouble;
+  static inline double load(double x) { return x; }
+  static HMAIT_INLINE vec load_lanes(const double* p) { return load_vector<VecDouble>(p); }
+  static inline double store(double x) { return x; }
+};
+
+template <> struct Traits<BFloat16Tag> {
+  using storage = uint16_t;
+  using acc = float;
+  using vec = VecFloat;
+  static inline float load(uint16_t x) { return bf16_to_float(x); }
+  static HMAIT_INLINE vec load_lanes(const uint16_t* p) { return bf16_to_float_vector(p); }
+  static inline uint16_t store(float x) { return float_to_bf16(x); }
+};
+
+template <> struct Traits<Float16Tag> {
+  using storage = uint16_t;
+  using acc = float;
+  using vec = VecFloat;
+  static inline float load(uint16_t x) { return f16_to_float(x); }
+  static HMAIT_INLINE vec load_lanes(const uint16_t* p) { return f16_to_float_vector(p); }
+  static inline uint16_t store(float x) { return float_to_f16(x); }
+};
+
+// A per-row buffer in the accumulation type: on the stack when the size is known at compile time.
+template <typename A, int64_t D>
+struct Row {
+  alignas(64) A values[D];
+  explicit Row(int64_t) {}
+  A* data() { return values; }
+};
+
+template <typename A>
+struct Row<A, 0> {
+  std::vector<A> values;
+  explicit Row(int64_t n) : values(n) {}
+  A* data() { return values.data(); }
+};
+
+// exp in float32 without a library call, so that it vectorises: exp(x) = 2^n * exp(r) with
+// n = round(x / ln 2) and |r| <= ln(2) / 2, where a degree-7 Taylor polynomial is accurate to
+// about 5e-9 relative. Results below 2^-126 flush to 0; NaN propagates.
+HMAIT_INLINE float exp_acc(float x) {
+  const float clamped = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  // Adding 1.5 * 2^23 rounds to an integer, which then sits in the low mantissa bits.
+  const float shifter = 12582912.0f;
+  const float shifted = clamped * 1.44269504088896341f + shifter;
+  const float n = shifted - shifter;
+  // ln 2 in two parts (Cody and Waite), the first exact in a few bits, so n * hi has no rounding error.
+  const float r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t exponent = int32_t(float_to_bits(shifted) - float_to_bits(shifter));
+  const float y = p * bits_to_float(uint32_t(exponent + 127) << 23);
+  const float flushed = x < -87.0f ? 0.0f : y;
+  return x != x ? x : flushed;
+}
+
+inline double exp_acc(double x) { return std::exp(x); }
+// The same exp on whole vectors of float32.
+HMAIT_INLINE VecFloat exp_lanes(const VecFloat& x) {
+  const VecFloat low = VecFloat{} - 87.0f, high = VecFloat{} + 88.0f;
+  const VecFloat clamped = x < low ? low : (x > high ? high : x);
+  const VecFloat shifter = VecFloat{} + 12582912.0f;
+  const VecFloat shifted = clamped * 1.44269504088896341f + shifter;
+  const VecFloat n = shifted - shifter;
+  const VecFloat r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;
+  VecFloat p = VecFloat{} + 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const VecBits32 exponent = bit_cast_to<VecBits32>(shifted) - float_to_bits(12582912.0f);
+  const VecFloat y = p * bit_cast_to<VecFloat>((exponent + 127u) << 23);
+  const VecFloat flushed = x < low ? VecFloat{} : y;
+  return x != x ? x : flushed;
+}
+
+// values[i] = exp(values[i] - shift) for i < n; the buffer holds a whole number of vectors.
+HMAIT_INLINE void exp_shifted(float* values, int64_t n, float shift) {
+  constexpr int64_t lanes = HMAIT_VECTOR_BYTES / sizeof(float);
+  for (int64_t i = 0; i < n; i += lanes)
+    store_vector(values + i, exp_lanes(load_vector<VecFloat>(values + i) - shift));
+}
+
+inline void exp_shifted(double* values, int64_t n, double shift) {
+  for (int64_t i = 0; i < n; ++i) values[i] = std::exp(values[i] - shift);
+}
+
+// Elements of a buffer that exp_shifted and exp_normalise may touch for n values.
+inline int64_t padded(int64_t n) {
+  constexpr int64_t lanes = HMAIT_VECTOR_BYTES / sizeof(float);
+  return (n + lanes - 1) / lanes * lanes;
+}
+
+// The softmax of n logits without serial chains: m = max(logits, lower), values = exp(values - m);
+// returns the sum of the exponentials. The buffer holds padded(n) elements; the padding is set to
+// -inf, so it adds nothing.
+HMAIT_INLINE float exp_normalise(float* values, int64_t n, float lower, float& m) {
+  constexpr int64_t lanes = HMAIT_VECTOR_BYTES / sizeof(float);
+  const int64_t total = padded(n);
+  for (int64_t i = n; i < total; ++i) values[i] = -std::numeric_limits<float>::infinity();
+  VecFloat largest = VecFloat{} + lower;
+  for (int64_t i = 0; i < total; i += lanes) {
+    const VecFloat x = load_vector<VecFloat>(values + i);
+    largest = x > largest ? x : largest;
+  }
+  m = HorizontalMax<float, HMAIT_VECTOR_BYTES>::run(largest);
+  VecFloat sum = {};
+  for (int64_t i = 0; i < total; i += lanes) {
+    const VecFloat e = exp_lanes(load_vector<VecFloat>(values + i) - m);
+    store_vector(values + i, e);
+    sum += e;
+  }
+  return HorizontalSum<float, HMAIT_VECTOR_BYTES>::run(sum);
+}
+
+inline double exp_normalise(double* values, int64_t n, double lower, double& m) {
+  m = lower;
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, values[i]);
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += values[i] = std::exp(values[i] - m);
+  return sum;
+}
+
+// D > 0: head_dim == value_dim == D known at compile time, so the loops over channels unroll and the
+// per-row accumulators live in registers. D == 0: any head and value sizes.
+template <typename T, int64_t D>
+struct MaskedKernel {
+  using Tr = Traits<T>;
+  using S = typename Tr::storage;
+  using A = typename Tr::acc;
+  using V = typename Tr::vec;
+  static constexpr int64_t lanes = HMAIT_VECTOR_BYTES / sizeof(A);
+
+  const Args& a;
+  const int64_t heads, P, h, w, hw, N, d_, dv_, radius;
+  const bool hard;
+  const A scale;
+
+  explicit MaskedKernel(const Args& args)
+      : a(args), heads(args.heads), P(args.num_prefix), h(args.h), w(args.w), hw(args.h * args.w),
+        N(args.num_prefix + args.h * args.w), d_(args.head_dim), dv_(args.value_dim), radius(args.mask_size / 2),
+        hard(args.hard), scale(A(args.scale)) {}
+
+  int64_t d() const { return D > 0 ? D : d_; }
+  int64_t dv() const { return D > 0 ? D : dv_; }
+
+  const S* at(const View& view, int64_t b, int64_t token, int64_t head) const {
+    return static_cast<const S*>(view.data) + b * view.stride_b + token * view.stride_n + head * view.stride_h;
+  }
+
+  // Offset of (b, token, head) in a contiguous (B, N, heads, channels) output.
+  int64_t out_offset(int64_t b, int64_t token, int64_t head, int64_t channels) const {
+    return ((b * N + token) * heads + head) * channels;
+  }
+
+  A* lse() const { return static_cast<A*>(a.lse); }
+  A* delta() const { return static_cast<A*>(a.delta); }
+  A* value_sum() const { return static_cast<A*>(a.value_sum); }
+  A* outside_prob() const { return static_cast<A*>(a.outside_prob); }
+
+  // Rows [r0, r1] and columns [c0, c1] of the truncated box around grid position (row, col).
+  void box(int64_t row, int64_t col, int64_t& r0, int64_t& r1, int64_t& c0, int64_t& c1) const {
+    r0 = std::max<int64_t>(row - radius, 0);
+    r1 = std::min<int64_t>(row + radius, h - 1);
+    c0 = std::max<int64_t>(col - radius, 0);
+    c1 = std::min<int64_t>(col + radius, w - 1);
+  }
+
+  // Grid positions are visited in vertical strips of kStripWidth columns, row by row inside a strip:
+  // the rows around the current one then stay in the core's cache however wide the grid is.
+  static constexpr int64_t kStripWidth = 32;
+
+  // A work item of the grid stages: batch b, grid position (row, col), head; strip order with the
+  // heads innermost. Advancing it costs no division (the 64-bit divisions of decoding every item
+  // from its index were a good part of the per-query cost).
+  struct Cursor {
+    int64_t b, row, col, head, strip_start, strip_stop;
+  };
+
+  Cursor cursor_at(int64_t item) const {
+    Cursor c;
+    c.head = item % heads;
+    c.b = item / heads / hw;
+    const int64_t i = item / heads % hw, strip_size = h * kStripWidth;
+    c.strip_start = i / strip_size * kStripWidth;
+    c.strip_stop = std::min(c.strip_start + kStripWidth, w);
+    const int64_t width = c.strip_stop - c.strip_start, offset = i % strip_size;
+    c.row = offset / width;
+    c.col = c.strip_start + offset % width;
+    return c;
+  }
+
+  void advance(Cursor& c) const {
+    if (++c.head < heads) return;
+    c.head = 0;
+    if (++c.col < c.strip_stop) return;
+    c.col = c.strip_start;
+    if (++c.row < h) return;
+    c.row = 0;
+    c.strip_start = c.strip_stop < w ? c.strip_stop : 0;
+    if (c.strip_start == 0) ++c.b;
+    c.strip_stop = std::min(c.strip_start + kStripWidth, w);
+    c.col = c.strip_start;
+  }
+
+  // Whether grid query g has non-neighbour grid tokens (so hard mode gives it an outside term).
+  bool has_outside(int64_t g) const {
+    int64_t r0, r1, c0, c1;
+    box(g / w, g % w, r0, r1, c0, c1);
+    return hard && (r1 - r0 + 1) * (c1 - c0 + 1) < hw;
+  }
+
+  // ---- vector primitives over the channels ----
+
+  // Loops run over whole vectors up to `full`, then element by element; with a compile-time n that is
+  // a multiple of the vector width the element loop disappears.
+  static HMAIT_INLINE A dot(const A* x, const S* y, int64_t n) {
+    const int64_t full = n - n % lanes;
+    V s0 = {}, s1 = {};
+    int64_t c = 0;
+    for (; c + 2 * lanes <= full; c += 2 * lanes) {
+      s0 += load_vector<V>(x + c) * Tr::load_lanes(y + c);
+      s1 += load_vector<V>(x + c + lanes) * Tr::load_lanes(y + c + lanes);
+    }
+    if (c < full) s0 += load_vector<V>(x + c) * Tr::load_lanes(y + c);
+    A sum = HorizontalSum<A, HMAIT_VECTOR_BYTES>::run(s0 + s1);
+    for (int64_t t = full; t < n; ++t) sum += x[t] * Tr::load(y[t]);
+    return sum;
+  }
+
+  static HMAIT_INLINE A dot_storage(const S* x, const S* y, int64_t n) {
+    const int64_t full = n - n % lanes;
+    V s0 = {};
+    for (int64_t c = 0; c < full; c += lanes) s0 += Tr::load_lanes(x + c) * Tr::load_lanes(y + c);
+    A sum = HorizontalSum<A, HMAIT_VECTOR_BYTES>::run(s0);
+    for (int64_t t = full; t < n; ++t) sum += Tr::load(x[t]) * Tr::load(y[t]);
+    return sum;
+  }
+
+  static HMAIT_INLINE void axpy(A* acc, A alpha, const S* x, int64_t n) {
+    const int64_t full = n - n % lanes;
+    const V factor = V{} + alpha;
+    for (int64_t c = 0; c < full; c += lanes)
+      store_vector(acc + c, load_vector<V>(acc + c) + factor * Tr::load_lanes(x + c));
+    for (int64_t t = full; t < n; ++t) acc[t] += alpha * Tr::load(x[t]);
+  }
+
+  static HMAIT_INLINE void load(A* dst, const S* src, int64_t n) {
+    const int64_t full = n - n % lanes;
+    for (int64_t c = 0; c < full; c += lanes) store_vector(dst + c, Tr::load_lanes(src + c));
+    for (int64_t t = full; t < n; ++t) dst[t] = Tr::load(src[t]);
+  }
+
+  static inline void fill(A* dst, A value, int64_t n) {
+    for (int64_t c = 0; c < n; ++c) dst[c] = value;
+  }
+
+  static inline void store(S* dst, const A* src, A factor, int64_t n) {
+    for (int64_t c = 0; c < n; ++c) dst[c] = Tr::store(src[c] * factor);
+  }
+
+  // ---- forward ----
+
+  void forward_grid(int64_t begin, int64_t end) const {
+    Row<A, D> q(d()), acc(dv());
+    std::vector<A> weight(padded(P + (2 * radius + 1) * (2 * radius + 1)));
+    S* out = static_cast<S*>(const_cast<void*>(a.out.data));
+    Cursor cursor = cursor_at(begin);
+    for (int64_t item = begin; item < end; ++item, advance(cursor)) {
+      const int64_t b = cursor.b, head = cursor.head, bh = b * heads + head, g = cursor.row * w + cursor.col;
+      int64_t r0, r1, c0, c1;
+      box(cursor.row, cursor.col, r0, r1, c0, c1);
+      // The key and value that enter the box a few queries from now (the hardware prefetchers miss
+      // this pattern: a couple of cache lines per token, a token row apart).
+      const int64_t ahead_row = std::min(cursor.row + radius, h - 1);
+      const int64_t ahead_col = std::min(cursor.col + radius + 2, w - 1);
+      prefetch(at(a.k, b, P + ahead_row * w + ahead_col, head), d());
+      prefetch(at(a.v, b, P + ahead_row * w + ahead_col, head), dv());
+      load(q.data(), at(a.q, b, P + g, head), d());
+
+      // Logits of the prefix keys, then of the box, row by row.
+      int64_t count = 0;
+      for (int64_t p = 0; p < P; ++p) weight[count++] = scale * dot(q.data(), at(a.k, b, p, head), d());
+      for (int64_t r = r0; r <= r1; ++r) {
+        const S* key = at(a.k, b, P + r * w + c0, head);
+        for (int64_t c = c0; c <= c1; ++c, key += a.k.stride_n) weight[count++] = scale * dot(q.data(), key, d());
+      }
+      const int64_t outside = hw - (count - P);
+      const bool with_outside = hard && outside > 0;
+
+      // Non-neighbours have logit 0: include it in the stabiliser where they exist.
+      A m;
+      A denom = exp_normalise(weight.data(), count, with_outside ? A(0) : -std::numeric_limits<A>::infinity(), m);
+      // exp(-m) per non-neighbour; where there are none it would only risk overflow.
+      const A outside_weight = with_outside ? exp_acc(-m) : A(0);
+      denom += outside_weight * A(outside);
+
+      // Numerator: exp(-m) * (all grid v - box v) + sum_j w_j v_j = exp(-m) * all + sum_j (w_j - exp(-m)) v_j.
+      if (with_outside) {
+        const A* sum = value_sum() + bh * dv();
+        for (int64_t c = 0; c < dv(); ++c) acc.data()[c] = outside_weight * sum[c];
+      } else {
+        fill(acc.data(), A(0), dv());
+      }
+      count = 0;
+      for (int64_t p = 0; p < P; ++p) axpy(acc.data(), weight[count++], at(a.v, b, p, head), dv());
+      for (int64_t r = r0; r <= r1; ++r) {
+        const S* value = at(a.v, b, P + r * w + c0, head);
+        for (int64_t c = c0; c <= c1; ++c, value += a.v.stride_n)
+          axpy(acc.data(), weight[count++] - outside_weight, value, dv());
+      }
+      store(out + out_offset(b, P + g, head, dv()), acc.data(), A(1) / denom, dv());
+      lse()[bh * N + P + g] = m + std::log(denom);
+    }
+  }
+
+  void forward_prefix(int64_t begin, int64_t end) const {
+    Row<A, D> q(d()), acc(dv());
+    std::vector<A> weight(padded(N));
+    S* out = static_cast<S*>(const_cast<void*>(a.out.data));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / P, p = item % P, b = bh / heads, head = bh % heads;
+      load(q.data(), at(a.q, b, p, head), d());
+      A m = -std::numeric_limits<A>::infinity();
+      for (int64_t j = 0; j < N; ++j) {
+        weight[j] = scale * dot(q.data(), at(a.k, b, j, head), d());
+        m = std::max(m, weight[j]);
+      }
+      exp_shifted(weight.data(), N, m);
+      A denom = 0;
+      for (int64_t j = 0; j < N; ++j) denom += weight[j];
+      fill(acc.data(), A(0), dv());
+      for (int64_t j = 0; j < N; ++j) axpy(acc.data(), weight[j], at(a.v, b, j, head), dv());
+      store(out + out_offset(b, p, head, dv()), acc.data(), A(1) / denom, dv());
+      lse()[bh * N + p] = m + std::log(denom);
+    }
+  }
+
+  // ---- backward ----
+
+  // delta_i = grad_out_i . out_i = sum_j p_ij (grad_out_i . v_j): the softmax-backward correction.
+  // Hard mode also keeps exp(-lse_i), the probability of each non-neighbour of query i (0 where
+  // there are none), for the two stages below.
+  void backward_delta(int64_t begin, int64_t end) const {
+    int64_t head = begin % heads, n = begin / heads % N, b = begin / heads / N;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t row = (b * heads + head) * N + n;
+      delta()[row] = dot_storage(at(a.grad_out, b, n, head), at(a.out, b, n, head), dv());
+      if (hard) outside_prob()[row] = n >= P && has_outside(n - P) ? exp_acc(-lse()[row]) : A(0);
+      if (++head == heads) {
+        head = 0;
+        if (++n == N) n = 0, ++b;
+      }
+    }
+  }
+
+  // Hard mode: every grid value is in the outside sum of every grid query with non-neighbours,
+  // with weight exp(-lse_i); this is that gradient, shared by all grid values of (b, head).
+  void outside_grad(int64_t begin, int64_t end) const {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / heads, head = bh % heads;
+      A* sum = value_sum() + bh * dv();
+      fill(sum, A(0), dv());
+      const A* outside = outside_prob() + bh * N;
+      for (int64_t g = 0; g < hw; ++g)
+        if (outside[P + g] != A(0)) axpy(sum, outside[P + g], at(a.grad_out, b, P + g, head), dv());
+    }
+  }
+
+  // For grid position g: grad_q of query g (a gather over its keys) and grad_k, grad_v of key g
+  // (a gather over the queries that see it). The truncated box is symmetric, i in box(j) exactly when
+  // j in box(i), so the queries that read grid key g are the box around g, plus the prefix queries.
+  // Probabilities are recomputed from the saved log-sum-exp; nothing per offset is stored.
+  void backward_grid(int64_t begin, int64_t end) const {
+    Row<A, D> q(d()), grad_out(dv()), grad_q(d()), k(d()), v(dv()), grad_k(d()), grad_v(dv());
+    const int64_t neighbours = P + (2 * radius + 1) * (2 * radius + 1);
+    std::vector<A> prob(padded(neighbours)), lse_of(neighbours), delta_of(neighbours), outside_of(neighbours);
+    std::vector<int64_t> token_of(neighbours);
+    S* dq_out = static_cast<S*>(a.grad_q);
+    S* dk_out = static_cast<S*>(a.grad_k);
+    S* dv_out = static_cast<S*>(a.grad_v);
+    Cursor cursor = cursor_at(begin);
+    for (int64_t item = begin; item < end; ++item, advance(cursor)) {
+      const int64_t b = cursor.b, head = cursor.head, bh = b * heads + head, g = cursor.row * w + cursor.col;
+      const A* lse_bh = lse() + bh * N;
+      const A* delta_bh = delta() + bh * N;
+      int64_t r0, r1, c0, c1;
+      box(cursor.row, cursor.col, r0, r1, c0, c1);
+      {
+        // The token that enters the box a few positions from now, in all four roles.
+        const int64_t ahead =
+            P + std::min(cursor.row + radius, h - 1) * w + std::min(cursor.col + radius + 2, w - 1);
+        prefetch(at(a.q, b, ahead, head), d());
+        prefetch(at(a.k, b, ahead, head), d());
+        prefetch(at(a.v, b, ahead, head), dv());
+        prefetch(at(a.grad_out, b, ahead, head), dv());
+      }
+      // The tokens around g: the prefix tokens, then the box row by row. As keys of query g and as
+      // queries that see key g, they are the same set.
+      int64_t count = 0;
+      for (int64_t p = 0; p < P; ++p) token_of[count++] = p;
+      for (int64_t r = r0; r <= r1; ++r)
+        for (int64_t c = c0; c <= c1; ++c) token_of[count++] = P + r * w + c;
+
+      // grad_q of grid query g: scale * sum_j p_ij (grad_out_i . v_j - delta_i) k_j.
+      load(q.data(), at(a.q, b, P + g, head), d());
+      load(grad_out.data(), at(a.grad_out, b, P + g, head), dv());
+      for (int64_t t = 0; t < count; ++t) prob[t] = scale * dot(q.data(), at(a.k, b, token_of[t], head), d());
+      exp_shifted(prob.data(), count, lse_bh[P + g]);
+      fill(grad_q.data(), A(0), d());
+      const A delta_i = delta_bh[P + g];
+      for (int64_t t = 0; t < count; ++t) {
+        const A ds = prob[t] * (dot(grad_out.data(), at(a.v, b, token_of[t], head), dv()) - delta_i);
+        axpy(grad_q.data(), ds, at(a.k, b, token_of[t], head), d());
+      }
+      store(dq_out + out_offset(b, P + g, head, d()), grad_q.data(), scale, d());
+
+      // grad_k, grad_v of grid key g, gathered over the queries that see it.
+      load(k.data(), at(a.k, b, P + g, head), d());
+      load(v.data(), at(a.v, b, P + g, head), dv());
+      for (int64_t t = 0; t < count; ++t) {
+        const int64_t i = token_of[t];
+        prob[t] = scale * dot(k.data(), at(a.q, b, i, head), d()) - lse_bh[i];
+        delta_of[t] = delta_bh[i];
+        // The shared outside gradient counted v_g as outside for every grid query with non-neighbours;
+        // the queries in its box see it as a neighbour, so take that back.
+        outside_of[t] = hard ? outside_prob()[bh * N + i] : A(0);
+      }
+      exp_shifted(prob.data(), count, A(0));
+      fill(grad_k.data(), A(0), d());
+      if (hard) {
+        const A* shared = value_sum() + bh * dv();
+        for (int64_t c = 0; c < dv(); ++c) grad_v.data()[c] = shared[c];
+      } else {
+        fill(grad_v.data(), A(0), dv());
+      }
+      for (int64_t t = 0; t < count; ++t) {
+        const S* go = at(a.grad_out, b, token_of[t], head);
+        const A ds = prob[t] * (dot(v.data(), go, dv()) - delta_of[t]);
+        axpy(grad_k.data(), ds, at(a.q, b, token_of[t], head), d());
+        axpy(grad_v.data(), prob[t] - outside_of[t], go, dv());
+      }
+      store(dk_out + out_offset(b, P + g, head, d()), grad_k.data(), scale, d());
+      store(dv_out + out_offset(b, P + g, head, dv()), grad_v.data(), A(1), dv());
+    }
+  }
+
+  // grad_q of prefix query p, which attends to every token.
+  void backward_prefix_query(int64_t begin, int64_t end) const {
+    Row<A, D> q(d()), grad_out(dv()), grad_q(d());
+    S* dq_out = static_cast<S*>(a.grad_q);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / P, p = item % P, b = bh / heads, head = bh % heads;
+      load(q.data(), at(a.q, b, p, head), d());
+      load(grad_out.data(), at(a.grad_out, b, p, head), dv());
+      fill(grad_q.data(), A(0), d());
+      const A lse_p = lse()[bh * N + p], delta_p = delta()[bh * N + p];
+      for (int64_t j = 0; j < N; ++j) {
+        const S* key = at(a.k, b, j, head);
+        const A prob = exp_acc(scale * dot(q.data(), key, d()) - lse_p);
+        axpy(grad_q.data(), prob * (dot(grad_out.data(), at(a.v, b, j, head), dv()) - delta_p), key, d());
+      }
+      store(dq_out + out_offset(b, p, head, d()), grad_q.data(), scale, d());
+    }
+  }
+
+  // grad_k, grad_v of prefix key p, which every query sees.
+  void backward_prefix_key(int64_t begin, int64_t end) const {
+    Row<A, D> k(d()), v(dv()), grad_k(d()), grad_v(dv());
+    S* dk_out = static_cast<S*>(a.grad_k);
+    S* dv_out = static_cast<S*>(a.grad_v);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / P, p = item % P, b = bh / heads, head = bh % heads;
+      load(k.data(), at(a.k, b, p, head), d());
+      load(v.data(), at(a.v, b, p, head), dv());
+      fill(grad_k.data(), A(0), d());
+      fill(grad_v.data(), A(0), dv());
+      const A* lse_bh = lse() + bh * N;
+      const A* delta_bh = delta() + bh * N;
+      for (int64_t i = 0; i < N; ++i) {
+        const S* query = at(a.q, b, i, head);
+        const S* go = at(a.grad_out, b, i, head);
+        const A prob = exp_acc(scale * dot(k.data(), query, d()) - lse_bh[i]);
+        axpy(grad_k.data(), prob * (dot(v.data(), go, dv()) - delta_bh[i]), query, d());
+        axpy(grad_v.data(), prob, go, dv());
+      }
+      store(dk_out + out_offset(b, p, head, d()), grad_k.data(), scale, d());
+      store(dv_out + out_offset(b, p, head, dv()), grad_v.data(), A(1), dv());
+    }
+  }
+
+  void run(Stage stage, int64_t begin, int64_t end) const {
+    switch (stage) {
+      case Stage::kForwardGrid: forward_grid(begin, end); break;
+      case Stage::kForwardPrefix: forward_prefix(begin, end); break;
+      case Stage::kBackwardDelta: backward_delta(begin, end); break;
+      case Stage::kOutsideGrad: outside_grad(begin, end); break;
+      case Stage::kBackwardGrid: backward_grid(begin, end); break;
+      case Stage::kBackwardPrefixQuery: backward_prefix_query(begin, end); break;
+      case Stage::kBackwardPrefixKey: backward_prefix_key(begin, end); break;
+    }
+  }
+};
+
+// Head sizes with a compile-time specialisation: those of H-MaiT (32) and of most MaiT variants (64).
+template <typename T>
+inline void run_typed(Stage stage, const Args& args, int64_t begin, int64_t end) {
+  if (args.head_dim == args.value_dim && args.head_dim == 32) {
+    MaskedKernel<T, 32>(args).run(stage, begin, end);
+  } else if (args.head_dim == args.value_dim && args.head_dim == 64) {
+    MaskedKernel<T, 64>(args).run(stage, begin, end);
+  } else {
+    MaskedKernel<T, 0>(args).run(stage, begin, end);
+  }
+}
+
+inline void run(Stage stage, const Args& args, int64_t begin, int64_t end) {
+  switch (args.dtype) {
+    case DType::kFloat32: run_typed<float>(stage, args, begin, end); break;
+    case DType::kFloat64: run_typed<double>(stage, args, begin, end); break;
+    case DType::kBFloat16: run_typed<BFloat16Tag>(stage, args, begin, end); break;
+    case DType::kFloat16: run_typed<Float16Tag>(stage, args, begin, end); break;
+  }
+}
+
+#undef HMAIT_INLINE
+
+}  // namespace
