@@ -14,22 +14,9 @@ model = dict(
     backbone=dict(
         _delete_=True,
         type='HMaiT',
-        embed_dims=96,
-        depths=[2, 2, 6, 2],
-        num_heads=[3, 6, 12, 24],
-        masked_heads=[3, 6, 4, 0],  # paper section 5.4: masked heads per stage, the rest global
-        mask_size=3,
-        mask_mode='hard',
-        mlp_ratio=4,
-        qkv_bias=True,
-        qk_scale=None,
-        drop_rate=0.,
-        attn_drop_rate=0.,
+        arch='tiny',  # Swin-T's shape with the paper's masked heads per stage (HMaiT's ARCH_SETTINGS)
         drop_path_rate=0.2,
-        patch_norm=True,
         out_indices=(0, 1, 2, 3),
-        with_cp=False,
-        convert_weights=False,
         init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
     neck=dict(in_channels=[96, 192, 384, 768]))
 

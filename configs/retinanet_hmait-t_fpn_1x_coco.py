@@ -10,24 +10,11 @@ model = dict(
     backbone=dict(
         _delete_=True,
         type='HMaiT',
-        embed_dims=96,
-        depths=[2, 2, 6, 2],
-        num_heads=[3, 6, 12, 24],
-        masked_heads=[3, 6, 4, 0],
-        mask_size=3,
-        mask_mode='hard',
-        mlp_ratio=4,
-        qkv_bias=True,
-        qk_scale=None,
-        drop_rate=0.,
-        attn_drop_rate=0.,
+        arch='tiny',  # Swin-T's shape with the paper's masked heads per stage (HMaiT's ARCH_SETTINGS)
         drop_path_rate=0.2,
-        patch_norm=True,
         # Only the stages the FPN reads: an unused stage-0 norm would leave parameters without
         # gradients, which DDP rejects.
         out_indices=(1, 2, 3),
-        with_cp=False,
-        convert_weights=False,
         init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
     neck=dict(in_channels=[192, 384, 768], start_level=0, num_outs=5))
 

@@ -161,14 +161,14 @@ def test_stochastic_depth_is_linear():
 
 
 @pytest.mark.parametrize('kwargs,match', [
-    (dict(masked_heads=(4, 6, 4, 0)), r'masked_heads\[0\]=4 must lie in \[0, num_heads\[0\]=3\]'),
+    (dict(masked_heads=(4, 6, 4, 0)), r'masked_heads\[0\] must be an integer in \[0, num_heads\[0\]=3\], got 4'),
     (dict(masked_heads=(3, 6, 4)), 'masked_heads must have one entry per stage'),
     (dict(num_heads=(3, 6, 12)), 'num_heads must have one entry per stage'),
     (dict(mask_size=4), 'mask_size must be a positive odd integer'),
     (dict(embed_dims=100), 'num_heads'),
     (dict(arch='huge'), 'arch must be one of'),
     (dict(out_indices=(4,)), 'out_indices must be stage indices'),
-    (dict(frozen_stages=5), 'frozen_stages must lie in'),
+    (dict(frozen_stages=5), r'frozen_stages must be an integer in \[-1, 4\], got 5'),
     (dict(strides=(4, 2, 2, 1)), 'strides must be'),
     (dict(norm_cfg=dict(type='BN')), 'norm_cfg type must be one of'),
     (dict(act_cfg=dict(type='Swish2')), 'act_cfg type must be one of'),

@@ -27,8 +27,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 from mmengine.analysis import FlopAnalyzer, parameter_count
+from mmengine.config import Config
 
 from ..models.layers import MaskedMultiheadAttention
+from ..ops.checks import is_int
 
 
 def attention_macs(num_tokens: int, head_dim: int, num_heads: int, num_masked_heads: int = 0,
@@ -129,23 +131,56 @@ def _image_metas(height: int, width: int) -> list:
     return [BaseDataElement(metainfo=meta)]
 
 
-def build_model_from_config(config: str, cfg_options: dict | None = None) -> tuple[nn.Module, str]:
-    """Build ``cfg.model`` of an mmengine config on CPU, without pretrained weights, SyncBN reverted.
-
-    ``config`` is a file or a package config such as ``'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'``.
-    Returns (model, default_scope). The config's ``custom_imports`` are imported by mmengine.
-    """
-    from mmengine.config import Config
-    from mmengine.model import revert_sync_batchnorm
-    from mmengine.registry import MODELS, init_default_scope
-
-    if '::' in config:  # 'mmdet::swin/...': a config shipped inside an installed package
+def load_config(config: str | Config, cfg_options: dict | None = None) -> Config:
+    """An mmengine ``Config`` from a file or a package config such as
+    ``'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'``, with ``cfg_options`` merged in."""
+    if isinstance(config, Config):
+        cfg = config.copy()
+    elif '::' in config:  # 'mmdet::swin/...': a config shipped inside an installed package
         from mmengine.hub import get_config
         cfg = get_config(config)
     else:
         cfg = Config.fromfile(config)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
+    return cfg
+
+
+def config_test_shape(cfg: Config) -> tuple[int, int]:
+    """The ``(H, W)`` input of a config's test data: what its model sees at test time.
+
+    * timm-style transforms (the classification configs): ``input_size`` of the test dataset's transform;
+    * mmdet / mmseg pipelines: the ``scale=(w, h)`` of the test pipeline's ``Resize`` (with
+      ``keep_ratio`` the box an image is fitted into), rounded up to the data preprocessor's
+      ``pad_size_divisor``, as the model receives it.
+    """
+    dataset = (cfg.get('test_dataloader') or {}).get('dataset') or {}
+    while isinstance(dataset.get('dataset'), dict):  # dataset wrappers (RepeatDataset, ...)
+        dataset = dataset['dataset']
+    transform = dataset.get('transform')
+    if isinstance(transform, dict) and transform.get('input_size') is not None:
+        size = transform['input_size']
+        return (size, size) if isinstance(size, int) else tuple(size[-2:])
+    for step in dataset.get('pipeline') or []:
+        if str(step.get('type', '')).split('.')[-1] == 'Resize' and step.get('scale') is not None:
+            scale = step['scale']
+            width, height = (scale, scale) if isinstance(scale, int) else scale
+            divisor = ((cfg.get('model') or {}).get('data_preprocessor') or {}).get('pad_size_divisor') or 1
+            return math.ceil(height / divisor) * divisor, math.ceil(width / divisor) * divisor
+    raise ValueError('the config names no test input size (test_dataloader.dataset.transform.input_size, or '
+                     'a Resize step with a scale in the test pipeline); give the shape explicitly')
+
+
+def build_model_from_config(config: str | Config, cfg_options: dict | None = None) -> tuple[nn.Module, str]:
+    """Build ``cfg.model`` of an mmengine config on CPU, without pretrained weights, SyncBN reverted.
+
+    ``config`` is a ``Config``, a file or a package config (see :func:`load_config`).
+    Returns (model, default_scope). The config's ``custom_imports`` are imported by mmengine.
+    """
+    from mmengine.model import revert_sync_batchnorm
+    from mmengine.registry import MODELS, init_default_scope
+
+    cfg = load_config(config, cfg_options)
     scope = cfg.get('default_scope', 'mmengine')
     init_default_scope(scope)
     backbone = cfg.model.get('backbone')
@@ -156,15 +191,17 @@ def build_model_from_config(config: str, cfg_options: dict | None = None) -> tup
     return model.eval(), scope
 
 
-def count_config_complexity(config: str, shape: Sequence[int], cfg_options: dict | None = None,
+def count_config_complexity(config: str | Config, shape: Sequence[int] | None = None, cfg_options: dict | None = None,
                             backbone_only: bool = False) -> tuple[ComplexityReport, ComplexityReport | None]:
-    """Complexity of the model of an mmdet/mmseg config (or its backbone alone) on one ``(H, W)`` image.
+    """Complexity of the model of a config (or its backbone alone) on one ``(H, W)`` image.
 
+    ``shape`` None takes the config's own test input size (:func:`config_test_shape`).
     Returns (model report, backbone report); the backbone report is None for ``backbone_only``,
     where the first report is the backbone's. Runs on CPU.
     """
-    height, width = _check_shape(shape)
-    model, _ = build_model_from_config(config, cfg_options)
+    cfg = load_config(config, cfg_options)
+    height, width = _check_shape(config_test_shape(cfg) if shape is None else shape)
+    model, _ = build_model_from_config(cfg)
     x = torch.zeros(1, 3, height, width)
     backbone = getattr(model, 'backbone', None)
     if backbone_only:
@@ -179,7 +216,7 @@ def count_config_complexity(config: str, shape: Sequence[int], cfg_options: dict
 
 def _check_shape(shape: Sequence[int]) -> tuple[int, int]:
     shape = tuple(shape)
-    if len(shape) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in shape):
+    if len(shape) != 2 or any(not is_int(s) or s <= 0 for s in shape):
         raise ValueError(f'shape must be (height, width) in pixels, got {shape!r}')
     return shape
 

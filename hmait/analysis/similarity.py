@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.layers import MaskedMultiheadAttention
+from ..ops.checks import check_int
 from .als import DEFAULT_MAX_MAP_BYTES, attention_inputs, attention_layers, image_batches, map_chunks
 
 
@@ -45,8 +46,7 @@ def layer_similarity(model: nn.Module, images: torch.Tensor | Iterable, head: in
         head: head index; it must exist in at least one layer.
     """
     layers = attention_layers(model)
-    if isinstance(head, bool) or not isinstance(head, int) or head < 0:
-        raise ValueError(f'head must be a non-negative integer, got {head!r}')
+    check_int('head', head, minimum=0)
     most = max(m.num_heads for _, m in layers)
     if head >= most:
         raise ValueError(f'head={head} does not exist: the model\'s layers have at most {most} heads')

@@ -21,6 +21,7 @@ from mmengine.config import Config
 from timm.data import ImageDataset, create_transform, resolve_data_config
 
 from ..models.checkpoint import extract_state_dict, safe_load
+from ..ops.checks import check_positive_int
 from .search import SearchStep
 
 _LIST_LIMIT = 8
@@ -90,8 +91,7 @@ def image_loader(data: str, model: nn.Module, img_size: int, num_images: int,
     ``num_images`` images are taken evenly spread over the sorted file list, so all classes appear.
     """
     for name, value in (('img_size', img_size), ('num_images', num_images), ('batch_size', batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f'{name} must be a positive integer, got {value!r}')
+        check_positive_int(name, value)
     root = _image_root(data)
     try:
         config = resolve_data_config({'input_size': (3, img_size, img_size)}, model=model)

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..ops.checks import check_int, is_int
+
 # The 80 COCO instance categories in id order. Every generated annotation file lists all of them,
 # as the real one does: mmdet's CocoMetric maps a predicted class index back to a category id
 # through the file's categories, so a file with fewer would break evaluation of an 80-class head.
@@ -39,14 +41,13 @@ ADE20K_NUM_CLASSES = 150
 
 def _check_size(name: str, value: Sequence[int]) -> tuple[int, int]:
     size = tuple(value)
-    if len(size) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 16 for v in size):
+    if len(size) != 2 or any(not is_int(v) or v < 16 for v in size):
         raise ValueError(f'{name} must be (height, width) with both at least 16 pixels, got {value!r}')
     return size
 
 
 def _check_count(name: str, value: int, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f'{name} must be an integer >= {minimum}, got {value!r}')
+    check_int(name, value, minimum=minimum)
 
 
 def _class_colours(num_classes: int, seed: int) -> np.ndarray:
@@ -100,10 +101,7 @@ def make_coco(root: str, num_train: int = 4, num_val: int = 2, image_size: Seque
     _check_count('num_train', num_train)
     _check_count('num_val', num_val)
     _check_count('max_objects', max_objects)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) \
-            or not 1 <= num_classes <= len(COCO_CATEGORIES):
-        raise ValueError(f'num_classes must be an integer in [1, {len(COCO_CATEGORIES)}], '
-                         f'got {num_classes!r}')
+    check_int('num_classes', num_classes, minimum=1, maximum=len(COCO_CATEGORIES))
     categories = [dict(id=cid, name=name, supercategory='synthetic') for cid, name in COCO_CATEGORIES]
     colours = _class_colours(num_classes, seed)
     paths = dict(root=root)
@@ -158,9 +156,7 @@ def make_ade20k(root: str, num_train: int = 4, num_val: int = 2, image_size: Seq
     _check_count('num_train', num_train)
     _check_count('num_val', num_val)
     _check_count('max_objects', max_objects)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) \
-            or not 2 <= num_classes <= ADE20K_NUM_CLASSES:
-        raise ValueError(f'num_classes must be an integer in [2, {ADE20K_NUM_CLASSES}], got {num_classes!r}')
+    check_int('num_classes', num_classes, minimum=2, maximum=ADE20K_NUM_CLASSES)
     colours = _class_colours(num_classes + 1, seed)
     paths = dict(root=root)
     for split, count, split_seed in (('training', num_train, seed), ('validation', num_val, seed + 1)):

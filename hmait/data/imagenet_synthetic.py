@@ -17,6 +17,8 @@ import shutil
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from ..ops.checks import check_int
+
 SHAPES = ('disc', 'square', 'triangle', 'ring', 'plus', 'frame', 'hstripes', 'vstripes', 'checker', 'star',
           'crescent', 'dots')
 # Classes beyond the number of shapes reuse a shape at another size band.
@@ -128,8 +130,7 @@ def generate_imagenet(out_dir: str, num_classes: int = 10, train_per_class: int 
     """
     for name, value, minimum in (('num_classes', num_classes, 2), ('train_per_class', train_per_class, 1),
                                  ('val_per_class', val_per_class, 1), ('size', size, 16)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f'{name} must be an integer >= {minimum}, got {value!r}')
+        check_int(name, value, minimum=minimum)
     if num_classes > MAX_CLASSES:
         raise ValueError(f'num_classes must be at most {MAX_CLASSES} (shapes x size bands), got {num_classes}')
     if not 1 <= quality <= 95:

@@ -59,6 +59,13 @@ def safe_load(path: str, map_location: str | torch.device = 'cpu') -> dict:
                            f'(weights_only loading failed: {err})') from err
 
 
+def require_local_weights(variant: str, pretrained: bool, kwargs: dict) -> None:
+    """No weights are published, so ``pretrained=True`` in timm needs a local file to load."""
+    if pretrained and not (kwargs.get('pretrained_cfg_overlay') or {}).get('file'):
+        raise ValueError(f'{variant}: pretrained=True needs a local checkpoint, '
+                         "pretrained_cfg_overlay=dict(file='/path/to/checkpoint.pth'); no weights are downloaded")
+
+
 def extract_state_dict(checkpoint: dict, prefix: str | None = None) -> dict:
     """The state dict inside a checkpoint, with a wrapping prefix (``backbone.``, ``module.``) removed."""
     sd = checkpoint

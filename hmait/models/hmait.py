@@ -10,14 +10,25 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from mmengine.logging import MMLogger
 from mmengine.model import BaseModule
-from timm.layers import PatchEmbed, trunc_normal_
+from timm.layers import PatchEmbed, resample_abs_pos_embed_nhwc, trunc_normal_
 from timm.models.swin_transformer import PatchMerging
 
+from ..ops.checks import (
+    check_image,
+    check_int,
+    check_mask_size,
+    check_masked_heads,
+    check_mode,
+    check_positive_int,
+    is_int,
+)
 from .checkpoint import load_pretrained
 from .layers import MaskedAttentionBlock
+
+# torch.fx records the input check as one call: it compares traced shapes.
+torch.fx.wrap('check_image')
 
 # Architectures: Swin's dims, depths and heads; masked heads per stage from the paper (section 5.4).
 ARCH_SETTINGS = {
@@ -45,10 +56,12 @@ class HMaiTStage(nn.Module):
     """Optional 2x patch merging, then ``depth`` masked-attention blocks. NHWC in and out."""
 
     def __init__(self, in_dims: int, dims: int, depth: int, downsample: bool, block_kwargs: list[dict],
-                 norm_layer: type[nn.Module]):
+                 norm_layer: type[nn.Module], device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
-        self.downsample = PatchMerging(in_dims, dims, norm_layer) if downsample else nn.Identity()
-        self.blocks = nn.ModuleList(MaskedAttentionBlock(dims, **kw) for kw in block_kwargs)
+        dd = dict(device=device, dtype=dtype)
+        self.downsample = PatchMerging(in_dims, dims, norm_layer, **dd) if downsample else nn.Identity()
+        self.blocks = nn.ModuleList(MaskedAttentionBlock(dims, **kw, **dd) for kw in block_kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``(B, H, W, C_in)`` -> ``(B, H', W', C)``."""
@@ -61,7 +74,7 @@ class HMaiTStage(nn.Module):
 
 
 def _per_stage(name: str, value, num_stages: int) -> tuple:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if is_int(value) or isinstance(value, float):
         return (value,) * num_stages
     if not isinstance(value, Sequence) or len(value) != num_stages:
         raise ValueError(f'{name} must have one entry per stage ({num_stages}, the length of depths), got {value!r}')
@@ -82,10 +95,14 @@ class HMaiT(BaseModule):
         frozen_stages: -1 freezes nothing; k >= 0 freezes the patch embedding, then stages 0..k-1
             (with the patch merging that follows each) and their output norms.
         convert_weights: accept Swin checkpoints (Microsoft, mmdet or timm layout) in init_cfg.
+        device, dtype: where and in which dtype to create the parameters (timm's factory arguments).
         Others as in mmdet's SwinTransformer.
 
     Forward: ``(B, in_channels, H, W)`` of any size -> tuple of ``(B, C_i, H_i, W_i)`` maps.
     """
+
+    # TorchScript compiles properties; mmengine's initialisation flag is not used in the forward.
+    __jit_unused_properties__ = ['is_init']
 
     def __init__(self, arch: str = 'tiny', pretrain_img_size: int | Sequence[int] = 224, in_channels: int = 3,
                  embed_dims: int | None = None, patch_size: int = 4, mlp_ratio: float = 4.,
@@ -96,7 +113,8 @@ class HMaiT(BaseModule):
                  drop_rate: float = 0., attn_drop_rate: float = 0., drop_path_rate: float = 0.1,
                  use_abs_pos_embed: bool = False, act_cfg: dict | None = None,
                  norm_cfg: dict | None = None, with_cp: bool = False, convert_weights: bool = False,
-                 frozen_stages: int = -1, pretrained: str | None = None, init_cfg: dict | None = None):
+                 frozen_stages: int = -1, pretrained: str | None = None, init_cfg: dict | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         if pretrained is not None:
             if init_cfg is not None:
                 raise ValueError('give either pretrained or init_cfg, not both')
@@ -108,7 +126,7 @@ class HMaiT(BaseModule):
         embed_dims = preset['embed_dims'] if embed_dims is None else embed_dims
         depths = tuple(preset['depths'] if depths is None else depths)
         num_stages = len(depths)
-        if num_stages == 0 or any(isinstance(d, bool) or not isinstance(d, int) or d <= 0 for d in depths):
+        if num_stages == 0 or any(not is_int(d) or d <= 0 for d in depths):
             raise ValueError(f'depths must be a non-empty list of positive integers, got {depths!r}')
         num_heads = _per_stage('num_heads', preset['num_heads'] if num_heads is None else num_heads, num_stages)
         masked_heads = _per_stage('masked_heads', preset['masked_heads'] if masked_heads is None else masked_heads,
@@ -117,24 +135,21 @@ class HMaiT(BaseModule):
         if strides[0] != patch_size or any(s != 2 for s in strides[1:]):
             raise ValueError(f'strides must be (patch_size, 2, 2, ...) = {(patch_size,) + (2,) * (num_stages - 1)}, '
                              f'got {strides!r}: patch merging always halves the grid')
-        if isinstance(embed_dims, bool) or not isinstance(embed_dims, int) or embed_dims <= 0:
-            raise ValueError(f'embed_dims must be a positive integer, got {embed_dims!r}')
+        check_positive_int('embed_dims', embed_dims)
         dims = [embed_dims * 2 ** i for i in range(num_stages)]
         for i, (dim, heads, masked) in enumerate(zip(dims, num_heads, masked_heads)):
-            if heads <= 0 or dim % heads:
+            if not is_int(heads) or heads <= 0 or dim % heads:
                 raise ValueError(f'embed_dims {embed_dims} gives {dim} channels in stage {i}, which num_heads[{i}]='
-                                 f'{heads} must divide')
-            if not 0 <= masked <= heads:
-                raise ValueError(f'masked_heads[{i}]={masked} must lie in [0, num_heads[{i}]={heads}]')
-        if isinstance(mask_size, bool) or not isinstance(mask_size, int) or mask_size <= 0 or mask_size % 2 == 0:
-            raise ValueError(f'mask_size must be a positive odd integer (3, 5, ...), got {mask_size!r}')
+                                 f'{heads!r} must divide')
+            check_masked_heads(masked, heads, name=f'masked_heads[{i}]', heads_name=f'num_heads[{i}]')
+        check_mask_size(mask_size)
+        check_mode(mask_mode, name='mask_mode')
         out_indices = tuple(out_indices)
-        if not out_indices or any(not 0 <= i < num_stages for i in out_indices):
+        if not out_indices or any(not is_int(i) or not 0 <= i < num_stages for i in out_indices):
             raise ValueError(f'out_indices must be stage indices in [0, {num_stages - 1}], got {out_indices!r}')
-        if not -1 <= frozen_stages <= num_stages:
-            raise ValueError(f'frozen_stages must lie in [-1, {num_stages}], got {frozen_stages!r}')
-        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels <= 0:
-            raise ValueError(f'in_channels must be a positive integer, got {in_channels!r}')
+        check_int('frozen_stages', frozen_stages, minimum=-1, maximum=num_stages)
+        check_positive_int('in_channels', in_channels)
+        dd = dict(device=device, dtype=dtype)
 
         act_layer = _layer_from_cfg(act_cfg or dict(type='GELU'), _ACTIVATIONS, 'act_cfg')
         norm_layer = _layer_from_cfg(norm_cfg or dict(type='LN'), _NORMS, 'norm_cfg')
@@ -150,17 +165,19 @@ class HMaiT(BaseModule):
 
         self.patch_embed = PatchEmbed(img_size=None, patch_size=patch_size, in_chans=in_channels,
                                       embed_dim=embed_dims, norm_layer=norm_layer if patch_norm else None,
-                                      output_fmt='NHWC', strict_img_size=False, dynamic_img_pad=True)
+                                      output_fmt='NHWC', strict_img_size=False, dynamic_img_pad=True, **dd)
+        size = (pretrain_img_size,) * 2 if isinstance(pretrain_img_size, int) else tuple(pretrain_img_size)
+        self.pos_grid = (size[0] // patch_size, size[1] // patch_size)
         if use_abs_pos_embed:
-            size = (pretrain_img_size,) * 2 if isinstance(pretrain_img_size, int) else tuple(pretrain_img_size)
-            self.pos_grid = (size[0] // patch_size, size[1] // patch_size)
-            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, self.pos_grid[0] * self.pos_grid[1], embed_dims))
+            self.absolute_pos_embed = nn.Parameter(
+                torch.zeros(1, self.pos_grid[0] * self.pos_grid[1], embed_dims, **dd))
         else:
             self.absolute_pos_embed = None
         self.drop_after_pos = nn.Dropout(drop_rate)
 
-        # Stochastic depth grows linearly over all blocks.
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        # Stochastic depth grows linearly over all blocks; plain Python, so that a meta-device build works.
+        num_blocks = sum(depths)
+        rates = [drop_path_rate * i / (num_blocks - 1) if num_blocks > 1 else 0. for i in range(num_blocks)]
         self.layers = nn.ModuleList()
         for i in range(num_stages):
             first = sum(depths[:i])
@@ -170,11 +187,26 @@ class HMaiT(BaseModule):
                                  act_layer=act_layer, norm_layer=norm_layer, with_cp=with_cp)
                             for j in range(depths[i])]
             self.layers.append(HMaiTStage(dims[i - 1] if i else dims[0], dims[i], depths[i], i > 0, block_kwargs,
-                                          norm_layer))
+                                          norm_layer, **dd))
         for i in out_indices:
-            self.add_module(f'norm{i}', norm_layer(dims[i]))
+            self.add_module(f'norm{i}', norm_layer(dims[i], **dd))
+        # The output norms by stage index, for code that TorchScript can compile (it cannot look up
+        # `norm{i}` by a computed name). It aliases the `norm{i}` modules, which keep their names in
+        # checkpoints and parameter lists (mmdet's names): the hooks keep the alias out of state dicts,
+        # and named_children() leaves it out.
+        self.stage_norms = nn.ModuleList(getattr(self, f'norm{i}', None) or nn.Identity() for i in range(num_stages))
+        self.register_state_dict_post_hook(_drop_stage_norm_keys)
+        self.register_load_state_dict_pre_hook(_add_stage_norm_keys)
+        self.register_load_state_dict_post_hook(_forget_missing_stage_norm_keys)
         self._init_fresh()
         self._freeze_stages()
+
+    def named_children(self):
+        """Children without the ``stage_norms`` alias, so that traversals child by child (mmengine's
+        optimiser constructor, ``.to()``, ``.train()``) meet each ``norm{i}`` once."""
+        for name, module in super().named_children():
+            if name != 'stage_norms':
+                yield name, module
 
     def _init_fresh(self) -> None:
         """Swin's initialisation: truncated-normal linears and position embedding, unit LayerNorms."""
@@ -205,6 +237,7 @@ class HMaiT(BaseModule):
 
     def train(self, mode: bool = True) -> HMaiT:
         super().train(mode)
+        self.stage_norms.train(mode)  # not among named_children(); it also holds the stages' Identity placeholders
         self._freeze_stages()
         return self
 
@@ -231,27 +264,43 @@ class HMaiT(BaseModule):
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, in_channels, H, W)`` -> NHWC tokens ``(B, ceil(H/p), ceil(W/p), C)``."""
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f'input must have shape (B, in_channels={self.in_channels}, H, W), '
-                             f'got {tuple(x.shape)}')
+        check_image(x, self.in_channels, 'in_channels')
         x = self.patch_embed(x)
         if self.absolute_pos_embed is not None:
-            pos = self.absolute_pos_embed.reshape(1, *self.pos_grid, -1).permute(0, 3, 1, 2)
-            if pos.shape[-2:] != x.shape[1:3]:
-                pos = F.interpolate(pos, size=x.shape[1:3], mode='bicubic', align_corners=False)
-            x = x + pos.permute(0, 2, 3, 1)
+            pos = self.absolute_pos_embed.reshape(1, self.pos_grid[0], self.pos_grid[1], -1)
+            # timm's resampling: traced as one call by torch.fx, and a no-op at the pretraining size.
+            x = x + resample_abs_pos_embed_nhwc(pos, [x.shape[1], x.shape[2]], antialias=False)
         return self.drop_after_pos(x)
 
     def _stage_outputs(self, x: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
         """Run the stages up to max(indices); NCHW maps of ``indices``, through norm{i} where it exists."""
         x = self._embed(x)
         outs = []
-        for i, stage in enumerate(self.layers[:max(indices) + 1]):
+        last = max(indices)
+        for i, (stage, norm) in enumerate(zip(self.layers[:last + 1], self.stage_norms[:last + 1])):
             x = stage(x)
             if i in indices:
-                out = getattr(self, f'norm{i}')(x) if hasattr(self, f'norm{i}') else x
-                outs.append(out.permute(0, 3, 1, 2).contiguous())
+                outs.append(norm(x).permute(0, 3, 1, 2).contiguous())
         return outs
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(self._stage_outputs(x, self.out_indices))
+
+
+def _drop_stage_norm_keys(module: HMaiT, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + 'stage_norms.')]:
+        del state_dict[key]
+
+
+def _add_stage_norm_keys(module: HMaiT, state_dict: dict, prefix: str, *args) -> None:
+    # The alias loads what `norm{i}` loads (the same tensors), so that strict loading sees no missing keys.
+    for i in range(len(module.stage_norms)):
+        source = f'{prefix}norm{i}.'
+        for key in [k for k in state_dict if k.startswith(source)]:
+            state_dict[f'{prefix}stage_norms.{i}.{key[len(source):]}'] = state_dict[key]
+
+
+def _forget_missing_stage_norm_keys(module: HMaiT, incompatible_keys) -> None:
+    # A missing `norm{i}` key is reported under its own name; its alias is not a second missing key.
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if not (k.startswith('stage_norms.') or '.stage_norms.' in k)]

@@ -8,17 +8,22 @@ of the masked attention: they attend to every token and every token attends to t
 Parameter names follow timm's ``VisionTransformer`` (``cls_token``, ``pos_embed``, ``blocks.{i}``,
 ``norm``, ``head``, ``head_dist``), so DeiT checkpoints load onto MaiT without renaming.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations`: torch.fx copies the forward's annotations into the code it
+# generates, which TorchScript must then resolve.
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.layers import PatchEmbed, get_device_dtype, resample_abs_pos_embed, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ..ops import MODES
+from ..ops.checks import MODES, check_image, check_masked_heads, check_mode, check_positive_int, is_int
+from .checkpoint import require_local_weights
 from .layers import MaskedAttentionBlock
+
+# torch.fx records the input check as one call: it compares traced shapes.
+torch.fx.wrap('check_image')
 
 # The paper's named masking schemes (section 5.3) are defined for 24 layers.
 SCHEME_DEPTH = 24
@@ -57,7 +62,7 @@ def _resolve_masking(masked_heads: int | Sequence[int] | str, mask_mode: str | S
     scheme_modes = None
     if isinstance(masked_heads, str):
         masked_heads, scheme_modes = masking_scheme(masked_heads, depth, num_heads)
-    elif isinstance(masked_heads, int) and not isinstance(masked_heads, bool):
+    elif is_int(masked_heads):
         masked_heads = [masked_heads] * depth
     elif isinstance(masked_heads, Sequence):
         masked_heads = list(masked_heads)
@@ -68,8 +73,7 @@ def _resolve_masking(masked_heads: int | Sequence[int] | str, mask_mode: str | S
         raise ValueError(f'masked_heads must be an int, a list of ints (one per layer) or a scheme name '
                          f'{SCHEMES}, got {masked_heads!r}')
     for i, count in enumerate(masked_heads):
-        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= num_heads:
-            raise ValueError(f'masked_heads[{i}]={count!r} must be an integer in [0, num_heads={num_heads}]')
+        check_masked_heads(count, num_heads, name=f'masked_heads[{i}]')
 
     if mask_mode is None:
         modes = scheme_modes or ['hard'] * depth
@@ -78,9 +82,8 @@ def _resolve_masking(masked_heads: int | Sequence[int] | str, mask_mode: str | S
         if len(modes) != depth:
             raise ValueError(f'mask_mode must be one of {MODES} or a list of one per layer (depth={depth}), '
                              f'got {mask_mode!r}')
-        bad = [m for m in modes if m not in MODES]
-        if bad:
-            raise ValueError(f'mask_mode entries must be in {MODES}, got {bad[0]!r}')
+        for i, mode in enumerate(modes):
+            check_mode(mode, name=f'mask_mode[{i}]')
         if scheme_modes is not None:
             clash = [i for i, (m, s, c) in enumerate(zip(modes, scheme_modes, masked_heads)) if c and m != s]
             if clash:
@@ -109,6 +112,7 @@ class MaiT(nn.Module):
         distilled: add DeiT's distillation token and a second head ``head_dist``.
         drop_path_rate: stochastic depth; linear over the layers unless ``drop_path_uniform``
             (the constant rate of CaiT, used for MaiT-S in paper Table 8).
+        device, dtype: where and in which dtype to create the parameters.
         Others as in timm's ``VisionTransformer``.
 
     Forward: ``(B, in_chans, H, W)`` with H, W multiples of ``patch_size`` -> logits ``(B, num_classes)``
@@ -122,12 +126,13 @@ class MaiT(nn.Module):
                  mlp_ratio: float = 4., qkv_bias: bool = True, layer_scale_init: float | None = None,
                  distilled: bool = False, drop_rate: float = 0., pos_drop_rate: float = 0.,
                  proj_drop_rate: float = 0., attn_drop_rate: float = 0., drop_path_rate: float = 0.,
-                 drop_path_uniform: bool = False, with_cp: bool = False):
+                 drop_path_uniform: bool = False, with_cp: bool = False, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         for name, value in (('embed_dim', embed_dim), ('depth', depth), ('num_heads', num_heads),
                             ('patch_size', patch_size), ('in_chans', in_chans)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f'{name} must be a positive integer, got {value!r}')
+            check_positive_int(name, value)
         if embed_dim % num_heads:
             raise ValueError(f'embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})')
         if global_pool not in ('token', 'avg'):
@@ -137,6 +142,7 @@ class MaiT(nn.Module):
                              f'got {layer_scale_init!r}')
         self.masked_heads, self.mask_modes = _resolve_masking(masked_heads, mask_mode, depth, num_heads)
 
+        self.in_chans = in_chans
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
@@ -147,11 +153,11 @@ class MaiT(nn.Module):
         self.distilled_training = False
 
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
-                                      embed_dim=embed_dim, output_fmt='NHWC', strict_img_size=False)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
+                                      embed_dim=embed_dim, output_fmt='NHWC', strict_img_size=False, **dd)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd)) if distilled else None
         num_patches = self.patch_embed.num_patches
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + num_patches, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + num_patches, embed_dim, **dd))
         self.pos_drop = nn.Dropout(pos_drop_rate)
 
         # Plain Python so that the model also builds under a meta-device context (shape-only builds).
@@ -165,12 +171,12 @@ class MaiT(nn.Module):
                                  qkv_bias=qkv_bias, drop=proj_drop_rate, attn_drop=attn_drop_rate,
                                  drop_path=rates[i], layer_scale_init=layer_scale_init,
                                  num_prefix_tokens=self.num_prefix_tokens, with_cp=with_cp,
-                                 alpha_init=alpha_init)
+                                 alpha_init=alpha_init, **dd)
             for i in range(depth))
-        self.norm = nn.LayerNorm(embed_dim)
+        self.norm = nn.LayerNorm(embed_dim, **dd)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.head_dist = (nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()) \
+        self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head_dist = (nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()) \
             if distilled else None
         reduction = self.patch_embed.patch_size[0]
         self.feature_info = [dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=reduction)
@@ -206,9 +212,13 @@ class MaiT(nn.Module):
                 raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
             self.global_pool = global_pool
         self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        # The new heads are made where the model lives, even when the old ones had no parameters.
+        dd = get_device_dtype(self)
+        self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
         if self.distilled:
-            self.head_dist = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+            self.head_dist = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+            self.head_dist.train(self.training)
 
     @torch.jit.ignore
     def set_distilled_training(self, enable: bool = True) -> None:
@@ -221,9 +231,7 @@ class MaiT(nn.Module):
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """``(B, in_chans, H, W)`` -> tokens ``(B, P + h*w, D)`` with position embedding, and ``(h, w)``."""
-        if x.dim() != 4 or x.shape[1] != self.patch_embed.proj.in_channels:
-            raise ValueError(f'input must have shape (B, in_chans={self.patch_embed.proj.in_channels}, H, W),'
-                             f' got {tuple(x.shape)}')
+        check_image(x, self.in_chans, 'in_chans')
         x = self.patch_embed(x)
         b, h, w, c = x.shape
         x = x.reshape(b, h * w, c)
@@ -231,10 +239,10 @@ class MaiT(nn.Module):
         if self.dist_token is not None:
             prefix.append(self.dist_token.expand(b, -1, -1))
         x = torch.cat(prefix + [x], dim=1)
-        pos = self.pos_embed
-        if (h, w) != self.patch_embed.grid_size:
-            pos = resample_abs_pos_embed(pos, (h, w), self.patch_embed.grid_size,
-                                         num_prefix_tokens=self.num_prefix_tokens)
+        # timm's resampling returns the embedding itself at the training grid, and is one torch.fx call.
+        pos = resample_abs_pos_embed(self.pos_embed, [h, w], [self.patch_embed.grid_size[0],
+                                                              self.patch_embed.grid_size[1]],
+                                     num_prefix_tokens=self.num_prefix_tokens)
         return self.pos_drop(x + pos), (h, w)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -246,15 +254,14 @@ class MaiT(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens ``(B, P + N, D)`` -> logits ``(B, num_classes)``, or pooled features with ``pre_logits``."""
-        if self.global_pool == 'avg':
-            pooled = x[:, self.num_prefix_tokens:].mean(dim=1)
-            pooled_dist = pooled
-        else:
-            pooled = x[:, 0]
-            pooled_dist = x[:, 1] if self.distilled else None
-        if not self.distilled:
+        if self.head_dist is None:  # not distilled (a static branch for TorchScript)
+            pooled = x[:, self.num_prefix_tokens:].mean(dim=1) if self.global_pool == 'avg' else x[:, 0]
             pooled = self.head_drop(pooled)
             return pooled if pre_logits else self.head(pooled)
+        if self.global_pool == 'avg':
+            pooled = pooled_dist = x[:, self.num_prefix_tokens:].mean(dim=1)
+        else:
+            pooled, pooled_dist = x[:, 0], x[:, 1]
         if pre_logits:
             return (pooled + pooled_dist) / 2
         logits, logits_dist = self.head(self.head_drop(pooled)), self.head_dist(self.head_drop(pooled_dist))
@@ -306,3 +313,69 @@ class MaiT(nn.Module):
         if prune_head:
             self.reset_classifier(0)
         return take
+
+
+def _cfg(**kwargs) -> dict:
+    return {'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None, 'crop_pct': 0.875,
+            'interpolation': 'bicubic', 'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225),
+            'first_conv': 'patch_embed.proj', 'classifier': 'head', 'license': 'apache-2.0', **kwargs}
+
+
+# No published weights: pretrained=True needs pretrained_cfg_overlay=dict(file=LOCAL_PATH).
+default_cfgs = generate_default_cfgs({name: _cfg()
+                                      for name in ('mait_xtiny', 'mait_tiny', 'mait_xsmall', 'mait_small')})
+
+# Paper Table 2 (D, H) and Table 8 (stochastic depth of the 24-layer models; MaiT-S's is constant).
+MAIT_SIZES = {
+    'mait_xtiny': dict(embed_dim=144, num_heads=3, drop_path_rate=0.0),
+    'mait_tiny': dict(embed_dim=192, num_heads=3, drop_path_rate=0.0),
+    'mait_xsmall': dict(embed_dim=288, num_heads=3, drop_path_rate=0.1),
+    'mait_small': dict(embed_dim=384, num_heads=6, drop_path_rate=0.1, drop_path_uniform=True),
+}
+
+
+def _cait_layer_scale_init(depth: int) -> float:
+    # CaiT's rule for the LayerScale initial value, which shrinks with depth to keep deep stacks stable.
+    return 0.1 if depth <= 18 else 1e-5 if depth <= 24 else 1e-6
+
+
+def _create_mait(variant: str, pretrained: bool = False, depth: int = 24, layer_scale: bool | None = None,
+                 **kwargs) -> MaiT:
+    """Paper Table 7 defaults: 24 layers, LayerScale and Sch.2; 12 layers: Sch.1 without LayerScale."""
+    if depth not in (12, 24):
+        raise ValueError(f'{variant}: depth must be 12 or 24 (the paper\'s MaiT depths), got {depth!r}; '
+                         f'build hmait.models.MaiT directly for other depths')
+    require_local_weights(variant, pretrained, kwargs)
+    if layer_scale is None:
+        layer_scale = depth == 24
+    kwargs.setdefault('masked_heads', 'sch2' if depth == 24 else 'sch1')
+    if layer_scale:
+        kwargs.setdefault('layer_scale_init', _cait_layer_scale_init(depth))
+    if kwargs.get('features_only'):
+        kwargs.setdefault('feature_cls', 'getter')
+    args = {**MAIT_SIZES[variant], 'depth': depth, **kwargs}
+    return build_model_with_cfg(MaiT, variant, pretrained, **args)
+
+
+@register_model
+def mait_xtiny(pretrained: bool = False, **kwargs) -> MaiT:
+    """MaiT-XT: D=144, H=3 (paper Table 2); 24 layers, LayerScale and Sch.2 by default."""
+    return _create_mait('mait_xtiny', pretrained, **kwargs)
+
+
+@register_model
+def mait_tiny(pretrained: bool = False, **kwargs) -> MaiT:
+    """MaiT-T: D=192, H=3 (paper Table 2); 24 layers, LayerScale and Sch.2 by default."""
+    return _create_mait('mait_tiny', pretrained, **kwargs)
+
+
+@register_model
+def mait_xsmall(pretrained: bool = False, **kwargs) -> MaiT:
+    """MaiT-XS: D=288, H=3 (paper Table 2); 24 layers, LayerScale and Sch.2 by default."""
+    return _create_mait('mait_xsmall', pretrained, **kwargs)
+
+
+@register_model
+def mait_small(pretrained: bool = False, **kwargs) -> MaiT:
+    """MaiT-S: D=384, H=6 (paper Table 2); 24 layers, LayerScale and Sch.2 by default."""
+    return _create_mait('mait_small', pretrained, **kwargs)

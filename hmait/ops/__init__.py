@@ -1,6 +1,6 @@
 """Functional masked attention: reference and fast paths, no module state."""
+from .checks import MODES
 from .masked_attention import (
-    MODES,
     dense_attention_map,
     dense_masked_attention,
     masked_attention,

@@ -5,6 +5,10 @@
     python tools/analysis/get_flops.py --timm-model hmait_tiny [--shape 224 224]
                                        [--json OUT.json]
 
+Without --shape the input is the config's own test size (the test transform's input_size, or the
+test pipeline's Resize scale padded as the data preprocessor pads), or a timm model's default
+input size.
+
 Attention is counted analytically (MaiT paper, Table 1): 2 N^2 d per global head, 2 R^2 N d per
 masked head; everything else by mmengine's FlopAnalyzer. See hmait/analysis/complexity.py.
 """
@@ -24,7 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('config', nargs='?', help='mmengine config (mmdet / mmseg / classification)')
     parser.add_argument('--timm-model', help='count a timm model by name instead, e.g. hmait_tiny')
     parser.add_argument('--shape', type=int, nargs=2, metavar=('H', 'W'),
-                        help='input height and width (default 224 224 for timm models, 800 1280 for configs)')
+                        help="input height and width (default: the config's test size, or the timm model's "
+                             'default input size)')
     parser.add_argument('--backbone-only', action='store_true', help='count model.backbone only')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE',
                         help='override config entries')
@@ -46,14 +51,16 @@ def main(argv=None) -> None:
         import timm
 
         import hmait  # noqa: F401  (registers the hmait_* timm models)
-        shape = tuple(args.shape or (224, 224))
         model = timm.create_model(args.timm_model)
+        shape = tuple(args.shape or model.pretrained_cfg['input_size'][-2:])
         rows[args.timm_model] = count_complexity(model, torch.zeros(1, 3, *shape))
         name = args.timm_model
     else:
-        shape = tuple(args.shape or (800, 1280))
-        model_report, backbone_report = count_config_complexity(args.config, shape, args.cfg_options,
-                                                                args.backbone_only)
+        from hmait.analysis.complexity import config_test_shape, load_config
+
+        cfg = load_config(args.config, args.cfg_options)
+        shape = tuple(args.shape or config_test_shape(cfg))
+        model_report, backbone_report = count_config_complexity(cfg, shape, backbone_only=args.backbone_only)
         name = Path(args.config).stem
         rows['backbone' if args.backbone_only else 'model'] = model_report
         if backbone_report is not None:
