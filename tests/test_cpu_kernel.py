@@ -310,3 +310,93 @@ def test_status_reports_build_failure(tmp_path):
     stdout = _status_in_subprocess(tmp_path, {'CXX': str(broken)})
     assert stdout.startswith('UNAVAILABLE'), stdout
     assert 'building the extension failed' in stdout
+
+
+# ---- selection by hmait.ops.masked_attention ----
+
+class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the name of every aten/custom op that runs under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _qkv(prefix: int = 1, grid=(5, 6), dtype=torch.float32):
+    g = torch.Generator().manual_seed(7)
+    n = prefix + grid[0] * grid[1]
+    return [torch.randn(2, 3, n, 16, generator=g).to(dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize('mode', ['hard', 'strict'])
+def test_auto_selects_the_kernel_on_cpu_and_torch_forces_the_fallback(mode):
+    q, k, v = _qkv()
+    with _OpNames() as auto:
+        out = torch_masked_attention(q, k, v, (5, 6), 3, mode, num_prefix_tokens=1)
+    with _OpNames() as portable:
+        ref = torch_masked_attention(q, k, v, (5, 6), 3, mode, num_prefix_tokens=1, backend='torch')
+    assert any('masked_attention_cpu_fwd' in name for name in auto.names)
+    assert not any('hmait' in name for name in portable.names)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, torch_masked_attention(q, k, v, (5, 6), 3, mode, num_prefix_tokens=1,
+                                                           backend='cpu'), atol=0, rtol=0)
+
+
+def test_soft_mode_and_export_keep_the_portable_path():
+    from hmait.models import MaskedAttentionBlock
+
+    q, k, v = _qkv()
+    with _OpNames() as soft:
+        torch_masked_attention(q, k, v, (5, 6), 3, 'soft', torch.full((3,), 0.5), num_prefix_tokens=1)
+    assert not any('hmait' in name for name in soft.names)
+    with pytest.raises(ValueError, match="backend='cpu' implements mode 'hard' and 'strict'"):
+        torch_masked_attention(q, k, v, (5, 6), 3, 'soft', torch.full((3,), 0.5), 1, backend='cpu')
+    block = MaskedAttentionBlock(32, num_heads=4, num_masked_heads=2).eval()
+    exported = torch.export.export(block, (torch.randn(2, 12, 32), (3, 4)))
+    targets = [str(node.target) for node in exported.graph.nodes if node.op == 'call_function']
+    assert targets and not any('hmait' in t for t in targets), targets
+
+
+def test_fully_masked_stage_writes_the_projection_input_without_a_copy():
+    from hmait.models import MaskedMultiheadAttention
+
+    attn = MaskedMultiheadAttention(48, num_heads=3, num_masked_heads=3).eval()
+    x = torch.randn(2, 5 * 6, 48)
+    with torch.no_grad(), _OpNames() as ops:
+        out = attn(x, (5, 6))
+    # qkv linear, the kernel, proj: no copy, cat or clone of the heads' output in between.
+    assert not any(name.split('.')[1] in ('cat', 'clone', 'copy_', '_unsafe_view') for name in ops.names
+                   if name.startswith('aten.')), ops.names
+    with torch.no_grad():
+        q, k, v = attn._qkv(x)
+        ref = attn.proj(torch_masked_attention(q, k, v, (5, 6), backend='torch').transpose(1, 2).reshape(2, 30, 48))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_missing_kernel_warns_once_and_falls_back(tmp_path):
+    script = textwrap.dedent("""
+        import warnings, torch
+        from hmait.ops import masked_attention
+        q, k, v = (torch.randn(1, 2, 12, 8) for _ in range(3))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            out = masked_attention(q, k, v, (3, 4))
+            masked_attention(q, k, v, (3, 4))
+        ref = masked_attention(q, k, v, (3, 4), backend='torch')
+        print('warnings', len(caught), str(caught[0].message) if caught else '')
+        print('equal', torch.equal(out, ref))
+        try:
+            masked_attention(q, k, v, (3, 4), backend='cpu')
+        except RuntimeError as err:
+            print('cpu backend:', err)
+    """)
+    env = {**os.environ, 'PYTHONPATH': str(REPO), 'HMAIT_EXTENSION_DIR': str(tmp_path / 'empty')}
+    proc = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'warnings 1 hmait: the compiled CPU masked-attention kernel is unavailable (not built in' in proc.stdout
+    assert 'make setup' in proc.stdout and 'equal True' in proc.stdout
+    assert "cpu backend: backend='cpu': the compiled CPU kernel is unavailable: not built in" in proc.stdout

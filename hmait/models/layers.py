@@ -1,20 +1,26 @@
 """The one attention module and the one transformer block shared by HMaiT and MaiT."""
-from __future__ import annotations
-
+# No `from __future__ import annotations`: TorchScript reads the annotations of the ignored
+# `_masked_heads` as objects.
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerScale, Mlp
+from timm.layers import DropPath, LayerScale, Mlp, register_notrace_function
 from torch.utils.checkpoint import checkpoint
 
-from ..ops import MODES, dense_attention_map, masked_attention
+from ..ops import dense_attention_map, masked_attention
+from ..ops.checks import check_mask_size, check_masked_heads, check_mode, check_positive_int
 
 
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f'{name} must be a positive integer, got {value!r}')
+# torch.fx records the op as one call: it checks its arguments and picks a backend in Python.
+@torch.fx.wrap
+@register_notrace_function
+@torch.jit.ignore  # TorchScript (deprecated in torch) calls it in Python; torch.compile and torch.export trace it
+def _masked_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw: tuple[int, int], mask_size: int,
+                  mode: str, alpha: torch.Tensor | None, num_prefix_tokens: int, scale: float) -> torch.Tensor:
+    """:func:`hmait.ops.masked_attention` of the masked heads, ``(B, m, N, d)`` -> ``(B, m, N, d)``."""
+    return masked_attention(q, k, v, hw, mask_size, mode, alpha, num_prefix_tokens, scale)
 
 
 class MaskedMultiheadAttention(nn.Module):
@@ -27,25 +33,25 @@ class MaskedMultiheadAttention(nn.Module):
     ``attn_drop`` drops attention probabilities of the global heads only: masked heads never
     materialise their attention map, so there is nothing to drop there.
     ``alpha_init`` is the initial soft-masking factor of each masked head (``mode='soft'``).
+    ``device`` and ``dtype`` place the parameters, as in timm's layers.
     """
+
+    # TorchScript compiles properties; the forward reads the logits directly.
+    __jit_unused_properties__ = ['alpha']
 
     def __init__(self, dim: int, num_heads: int, num_masked_heads: int = 0, mask_size: int = 3,
                  mode: str = 'hard', qkv_bias: bool = True, qk_scale: float | None = None,
                  attn_drop: float = 0., proj_drop: float = 0., num_prefix_tokens: int = 0,
-                 alpha_init: float = 0.5):
+                 alpha_init: float = 0.5, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
-        _check_positive_int('dim', dim)
-        _check_positive_int('num_heads', num_heads)
+        dd = dict(device=device, dtype=dtype)
+        check_positive_int('dim', dim)
+        check_positive_int('num_heads', num_heads)
         if dim % num_heads:
             raise ValueError(f'dim ({dim}) must be divisible by num_heads ({num_heads})')
-        if isinstance(num_masked_heads, bool) or not isinstance(num_masked_heads, int) \
-                or not 0 <= num_masked_heads <= num_heads:
-            raise ValueError(f'num_masked_heads must be an integer in [0, num_heads={num_heads}], '
-                             f'got {num_masked_heads!r}')
-        if mode not in MODES:
-            raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
-        if isinstance(mask_size, bool) or not isinstance(mask_size, int) or mask_size <= 0 or mask_size % 2 == 0:
-            raise ValueError(f'mask_size must be a positive odd integer (3, 5, ...), got {mask_size!r}')
+        check_masked_heads(num_masked_heads, num_heads)
+        check_mode(mode)
+        check_mask_size(mask_size)
         if not 0. < alpha_init < 1.:
             raise ValueError(f'alpha_init must lie in (0, 1), got {alpha_init!r}')
         self.num_heads = num_heads
@@ -55,14 +61,14 @@ class MaskedMultiheadAttention(nn.Module):
         self.mask_size = mask_size
         self.mode = mode
         self.num_prefix_tokens = num_prefix_tokens
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         if mode == 'soft' and num_masked_heads:
             # alpha = sigmoid(logit) keeps every soft-masking factor inside (0, 1).
             logit = math.log(alpha_init / (1. - alpha_init))
-            self.soft_mask_logit = nn.Parameter(torch.full((num_masked_heads,), logit))
+            self.soft_mask_logit = nn.Parameter(torch.full((num_masked_heads,), logit, **dd))
         else:
             self.register_parameter('soft_mask_logit', None)
 
@@ -74,23 +80,28 @@ class MaskedMultiheadAttention(nn.Module):
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, n, _ = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return qkv.unbind(0)  # each (B, heads, N, d)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, d)
+        return q, k, v
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """x: ``(B, N, dim)``, hw: grid ``(h, w)`` -> ``(B, N, dim)``."""
         b, n, c = x.shape
         q, k, v = self._qkv(x)
         m = self.num_masked_heads
+        # Each head group's output goes to the token-major (B, N, heads, d) layout that proj reads.
+        # The compiled CPU kernel writes that layout itself, so a fully masked stage copies nothing
+        # here; a mixed stage pays one copy, in the cat.
         outs = []
         if m:
-            outs.append(masked_attention(q[:, :m], k[:, :m], v[:, :m], hw, self.mask_size, self.mode,
-                                         self.alpha, self.num_prefix_tokens, self.scale))
+            alpha = None if self.soft_mask_logit is None else torch.sigmoid(self.soft_mask_logit)
+            outs.append(_masked_heads(q[:, :m], k[:, :m], v[:, :m], hw, self.mask_size, self.mode, alpha,
+                                      self.num_prefix_tokens, self.scale).transpose(1, 2))
         if m < self.num_heads:
             outs.append(F.scaled_dot_product_attention(
                 q[:, m:], k[:, m:], v[:, m:], dropout_p=self.attn_drop if self.training else 0.,
-                scale=self.scale))
-        x = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
-        x = x.transpose(1, 2).reshape(b, n, c)
+                scale=self.scale).transpose(1, 2))
+        x = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+        x = x.reshape(b, n, c)
         return self.proj_drop(self.proj(x))
 
     @torch.no_grad()
@@ -120,17 +131,18 @@ class MaskedAttentionBlock(nn.Module):
                  qk_scale: float | None = None, drop: float = 0., attn_drop: float = 0., drop_path: float = 0.,
                  act_layer: type[nn.Module] = nn.GELU, norm_layer: type[nn.Module] = nn.LayerNorm,
                  layer_scale_init: float | None = None, num_prefix_tokens: int = 0, with_cp: bool = False,
-                 alpha_init: float = 0.5):
+                 alpha_init: float = 0.5, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.with_cp = with_cp
-        self.norm1 = norm_layer(dim)
+        self.norm1 = norm_layer(dim, **dd)
         self.attn = MaskedMultiheadAttention(dim, num_heads, num_masked_heads, mask_size, mask_mode, qkv_bias,
-                                             qk_scale, attn_drop, drop, num_prefix_tokens, alpha_init)
-        self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
+                                             qk_scale, attn_drop, drop, num_prefix_tokens, alpha_init, **dd)
+        self.ls1 = LayerScale(dim, layer_scale_init, **dd) if layer_scale_init else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
-        self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop, **dd)
+        self.ls2 = LayerScale(dim, layer_scale_init, **dd) if layer_scale_init else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def _forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -138,6 +150,6 @@ class MaskedAttentionBlock(nn.Module):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        if self.with_cp and self.training and torch.is_grad_enabled():
+        if self.with_cp and self.training and torch.is_grad_enabled() and not torch.jit.is_scripting():
             return checkpoint(self._forward, x, hw, use_reentrant=False)
         return self._forward(x, hw)

@@ -33,7 +33,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ['build', 'cpu_kernel_status', 'decided_status', 'extension_dir', 'is_available', 'kernel_isa',
+from .checks import check_grid, check_int, check_mask_size
+
+__all__ = ['build', 'cpu_kernel_status', 'decided_status', 'extension_dir', 'is_available', 'is_built', 'kernel_isa',
            'masked_attention_bnhd', 'masked_attention_cpu']
 
 _EXTENSION_NAME = 'hmait_masked_attention_cpu'
@@ -146,6 +148,12 @@ def decided_status() -> tuple[bool, str] | None:
     return _status
 
 
+def is_built() -> bool:
+    """Whether a built library is in :func:`extension_dir` (it may still be rebuilt on loading if the
+    sources changed since); never builds."""
+    return (extension_dir() / f'{_EXTENSION_NAME}.so').is_file()
+
+
 def is_available() -> bool:
     """Whether the kernel is built and loaded (building it on first call)."""
     return build()
@@ -194,15 +202,9 @@ def _backward(ctx, grad_out, _grad_lse):
 def _check_call(q: torch.Tensor, hw, mask_size: int, mode: str, num_prefix_tokens: int) -> tuple[int, int]:
     if mode not in _MODES:
         raise ValueError(f'the CPU kernel implements mode {_MODES}, got {mode!r}')
-    if isinstance(mask_size, bool) or not isinstance(mask_size, int) or mask_size <= 0 or mask_size % 2 == 0:
-        raise ValueError(f'mask_size must be a positive odd integer (3, 5, ...), got {mask_size!r}')
-    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
-        raise ValueError(f'num_prefix_tokens must be a non-negative integer, got {num_prefix_tokens!r}')
-    try:
-        h, w = (int(s) for s in hw)
-    except (TypeError, ValueError):
-        raise ValueError(f'hw must be a pair (height, width) of the token grid, got {hw!r}') from None
-    return h, w
+    check_mask_size(mask_size)
+    check_int('num_prefix_tokens', num_prefix_tokens, minimum=0)
+    return check_grid(hw)
 
 
 def masked_attention_bnhd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw, mask_size: int = 3,

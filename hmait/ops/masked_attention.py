@@ -18,49 +18,36 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-MODES = ('hard', 'soft', 'strict')
-BACKENDS = ('auto', 'torch', 'triton')
+from .checks import check_grid, check_int, check_mask_size, check_mode
 
-# 'auto' picks the fused Triton kernels for hard/strict heads on CUDA tensors; this variable,
-# read once at import, turns that off ('torch') without touching code.
+BACKENDS = ('auto', 'torch', 'triton', 'cpu')
+
+# 'auto' picks the compiled kernels for hard/strict heads (Triton on CUDA, C++ on CPU); this
+# variable, read once at import, turns that off ('torch') without touching code.
 _BACKEND_ENV = 'HMAIT_MASKED_ATTENTION_BACKEND'
 _ENV_BACKEND = os.environ.get(_BACKEND_ENV, 'auto')
 # Checked without importing triton, so CPU-only users never load it.
 _TRITON_AVAILABLE = importlib.util.find_spec('triton') is not None
+# What the compiled kernels (Triton on CUDA, C++ on CPU) read; other dtypes take the PyTorch path.
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 # Soft mode works on query chunks so that no (N, N) tensor is ever alive; this bounds the
 # number of float32 logits per chunk (about 64 MiB).
 _SOFT_CHUNK_ELEMENTS = 1 << 24
 
 
-def _check_mask_size(mask_size: int) -> None:
-    if isinstance(mask_size, bool) or not isinstance(mask_size, int) or mask_size <= 0 or mask_size % 2 == 0:
-        raise ValueError(f'mask_size must be a positive odd integer (3, 5, ...), got {mask_size!r}')
-
-
-def _check_hw(hw) -> tuple[int, int]:
-    try:
-        h, w = (int(s) for s in hw)
-    except (TypeError, ValueError):
-        raise ValueError(f'hw must be a pair (height, width) of the token grid, got {hw!r}') from None
-    if h <= 0 or w <= 0:
-        raise ValueError(f'hw must hold positive grid sizes, got {hw!r}')
-    return h, w
-
-
 def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw, mask_size: int, mode: str,
               alpha: torch.Tensor | None, num_prefix_tokens: int) -> tuple[int, int]:
-    if mode not in MODES:
-        raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
-    _check_mask_size(mask_size)
-    h, w = _check_hw(hw)
-    if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
-        raise ValueError(f'num_prefix_tokens must be a non-negative integer, got {num_prefix_tokens!r}')
+    check_mode(mode)
+    check_mask_size(mask_size)
+    h, w = check_grid(hw)
+    check_int('num_prefix_tokens', num_prefix_tokens, minimum=0)
     for name, t in (('q', q), ('k', k), ('v', v)):
         if t.dim() != 4:
             raise ValueError(f'{name} must have shape (B, heads, N, d), got shape {tuple(t.shape)}')
@@ -98,8 +85,8 @@ def _mask_rows(h: int, w: int, mask_size: int, num_prefix_tokens: int, start: in
 def neighbourhood_mask(h: int, w: int, mask_size: int = 3, num_prefix_tokens: int = 0,
                        device: torch.device | None = None) -> torch.Tensor:
     """The binary mask M of Eq. 2 as bool ``(N, N)`` with ``N = num_prefix_tokens + h*w``."""
-    _check_mask_size(mask_size)
-    h, w = _check_hw((h, w))
+    check_mask_size(mask_size)
+    h, w = check_grid((h, w))
     n = num_prefix_tokens + h * w
     return _mask_rows(h, w, mask_size, num_prefix_tokens, 0, n, device)
 
@@ -267,7 +254,31 @@ def _triton_local_attention(q, k, v, h, w, mask_size, mode, num_prefix_tokens, s
     return grid_out
 
 
-def _use_triton(q: torch.Tensor, v_dim: int, mode: str, backend: str) -> bool:
+_warned_cpu_fallback = False
+
+
+def _cpu_kernel_status() -> tuple[bool, str]:
+    """Whether the compiled CPU kernel can run here and, if not, why; builds nothing that was not built."""
+    from . import cpu_kernel  # imported lazily: it may start a compiler
+
+    status = cpu_kernel.decided_status()
+    if status is not None:
+        return status
+    if torch.compiler.is_compiling():
+        # Loading takes a lock torch.compile cannot trace: only a kernel loaded before tracing is used.
+        return False, 'not loaded before torch.compile traced this call; call hmait.ops.cpu_kernel.build() first'
+    if not cpu_kernel.is_built():
+        return False, (f'not built in {cpu_kernel.extension_dir()}; build it with `make setup` or '
+                       '`python -c "from hmait.ops import cpu_kernel; cpu_kernel.build(verbose=True)"`')
+    return cpu_kernel.cpu_kernel_status()
+
+
+def _exporting() -> bool:
+    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
+def _choose_backend(q: torch.Tensor, v_dim: int, mode: str, backend: str) -> str:
+    """'torch', 'triton' or 'cpu' for this call (see :func:`masked_attention`'s ``backend``)."""
     if backend not in BACKENDS:
         raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
     if backend == 'auto':
@@ -275,14 +286,32 @@ def _use_triton(q: torch.Tensor, v_dim: int, mode: str, backend: str) -> bool:
         if backend not in BACKENDS:
             raise ValueError(f'the environment variable {_BACKEND_ENV} must be one of {BACKENDS}, '
                              f'got {backend!r}')
-    if backend == 'triton':
+    if backend in ('triton', 'cpu'):
         if mode == 'soft':
-            raise ValueError("backend='triton' implements mode 'hard' and 'strict'; "
+            raise ValueError(f"backend={backend!r} implements mode 'hard' and 'strict'; "
                              "use backend 'auto' or 'torch' for mode 'soft'")
-        return True
-    return (backend == 'auto' and mode != 'soft' and q.is_cuda and _TRITON_AVAILABLE
-            and max(q.shape[-1], v_dim) <= 256  # triton_masked.MAX_HEAD_DIM (importing it would load triton)
-            and q.dtype in (torch.float32, torch.float16, torch.bfloat16))
+        if backend == 'cpu':
+            available, reason = _cpu_kernel_status()
+            if not available:
+                raise RuntimeError(f"backend='cpu': the compiled CPU kernel is unavailable: {reason}")
+        return backend
+    if backend == 'torch' or mode == 'soft' or q.dtype not in _KERNEL_DTYPES:
+        return 'torch'
+    if q.is_cuda:
+        use_triton = _TRITON_AVAILABLE and max(q.shape[-1], v_dim) <= 256  # triton_masked.MAX_HEAD_DIM
+        return 'triton' if use_triton and q.dtype != torch.float64 else 'torch'
+    if q.device.type != 'cpu' or _exporting():
+        # ONNX and torch.export graphs keep the portable operators, which every runtime knows.
+        return 'torch'
+    available, reason = _cpu_kernel_status()
+    if available:
+        return 'cpu'
+    global _warned_cpu_fallback
+    if not _warned_cpu_fallback and not torch.compiler.is_compiling():
+        _warned_cpu_fallback = True
+        warnings.warn(f'hmait: the compiled CPU masked-attention kernel is unavailable ({reason}); masked heads '
+                      'run on the slower PyTorch path', RuntimeWarning, stacklevel=3)
+    return 'torch'
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw, mask_size: int = 3,
@@ -296,14 +325,24 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw, mask
     Hard and strict modes cost O(N * mask_size^2 * d) time and memory; soft mode is inherently
     global (every logit is kept, scaled by alpha) and runs in bounded-memory query chunks.
 
-    ``backend``: 'torch' is the portable PyTorch path; 'triton' the fused kernels (hard and strict;
-    CPU tensors only under ``TRITON_INTERPRET=1``); 'auto' uses the kernels for hard and strict
-    heads on CUDA when triton is installed, unless ``HMAIT_MASKED_ATTENTION_BACKEND=torch`` was set
-    when hmait was imported.
+    ``backend`` (hard and strict modes; soft mode always runs the PyTorch path):
+
+    * 'auto': the compiled kernels where they can run: Triton on CUDA when triton is installed,
+      the C++ kernel (:mod:`hmait.ops.cpu_kernel`) on CPU when it is built, with one warning per
+      process when it is not. ONNX and ``torch.export`` exports keep the PyTorch path, and under
+      ``torch.compile`` the CPU kernel is used only if it was loaded before tracing.
+      ``HMAIT_MASKED_ATTENTION_BACKEND=torch``, read when hmait is imported, turns 'auto' into 'torch'.
+    * 'torch': the portable PyTorch path, the reference of every kernel.
+    * 'triton': the fused Triton kernels (CPU tensors only under ``TRITON_INTERPRET=1``).
+    * 'cpu': the compiled CPU kernel; an error says why when it is unavailable.
     """
     h, w = _validate(q, k, v, hw, mask_size, mode, alpha, num_prefix_tokens)
-    if _use_triton(q, v.shape[-1], mode, backend):
+    chosen = _choose_backend(q, v.shape[-1], mode, backend)
+    if chosen == 'triton':
         return _triton_local_attention(q, k, v, h, w, mask_size, mode, num_prefix_tokens, scale)
+    if chosen == 'cpu':
+        from .cpu_kernel import masked_attention_cpu
+        return masked_attention_cpu(q, k, v, (h, w), mask_size, mode, num_prefix_tokens, scale)
     if mode == 'soft':
         return _soft_chunked(q, k, v, h, w, mask_size, alpha, num_prefix_tokens, scale)
     return _local_grid_attention(q, k, v, h, w, mask_size, mode, num_prefix_tokens, scale)
