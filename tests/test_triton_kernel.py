@@ -116,11 +116,13 @@ def test_backend_argument_is_checked():
                          backend='triton')
 
 
-def test_auto_backend_keeps_the_pytorch_path_on_cpu():
+def test_auto_backend_does_not_use_triton_on_cpu():
+    """On CPU tensors 'auto' takes the compiled CPU kernel (tests/test_cpu_kernel.py), never Triton."""
     q, k, v = (t.detach().cpu() for t in _qkv(13))
     auto = masked_attention(q, k, v, (3, 4), num_prefix_tokens=1)
+    assert torch.equal(auto, masked_attention(q, k, v, (3, 4), num_prefix_tokens=1, backend='cpu'))
     torch_path = masked_attention(q, k, v, (3, 4), num_prefix_tokens=1, backend='torch')
-    assert torch.equal(auto, torch_path)
+    torch.testing.assert_close(auto, torch_path, rtol=1e-5, atol=1e-5)
 
 
 def test_triton_path_traces_into_one_graph():
