@@ -15,7 +15,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/sum.h>
 #include <torch/library.h>
 
 #include <atomic>
@@ -185,16 +184,15 @@ std::tuple<Tensor, Tensor> masked_attention_cpu_fwd(const Tensor& q_in, const Te
   const auto acc = q.options().dtype(acc_type(q.scalar_type()));
   Tensor out = at::empty({batch, n, heads, v.size(3)}, q.options());
   Tensor lse = at::empty({batch, heads, n}, acc);
-  // Hard mode: the sum of the grid values, (B, heads, d_v), a reduction torch does well (and, for
-  // bfloat16 / float16, accumulates in float32 without an upcast copy).
-  Tensor value_sum = hard ? at::sum(v.narrow(1, num_prefix, h * w), {1}, false, acc_type(q.scalar_type())).contiguous()
-                          : at::empty({0}, acc);
+  // Hard mode: the sum of the grid values, (B, heads, d_v), in the accumulation type.
+  Tensor value_sum = at::empty({hard ? batch : 0, heads, v.size(3)}, acc);
 
   Args args = make_args(q, k, v, h, w, num_prefix, mask_size, hard, scale);
   args.out = view_of(out);
   args.lse = lse.data_ptr();
   args.value_sum = value_sum.data_ptr();
   const KernelFn kernel = kernel_for(current_isa().load());
+  if (hard) run_stage(kernel, Stage::kValueSum, args, batch * heads, 1);
   run_stage(kernel, Stage::kForwardGrid, args, batch * heads * h * w, grid_grain(args));
   run_stage(kernel, Stage::kForwardPrefix, args, batch * heads * num_prefix, 1);
   return {out, lse};

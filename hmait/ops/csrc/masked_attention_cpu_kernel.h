@@ -34,7 +34,7 @@ struct Args {
   View grad_out;     // backward only
   void* lse = nullptr;        // (B, heads, N) in the accumulation type (float64 for float64, else float32)
   void* delta = nullptr;      // backward: (B, heads, N) accumulation type, grad_out . out per row
-  void* value_sum = nullptr;  // forward (hard): sum of the grid values, given; backward (hard): the outside
+  void* value_sum = nullptr;  // forward (hard): sum of the grid values (kValueSum); backward (hard): the outside
                               // gradient of the grid values, computed; (B, heads, value_dim), accumulation type
   void* outside_prob = nullptr;  // backward (hard): (B, heads, N) accumulation type, exp(-lse_i) where query i
                                  // has non-neighbours, else 0
@@ -56,6 +56,7 @@ enum class Stage : int {
   kBackwardGrid = 5,     // items: (b, grid pos, head)  -> grad_q of the query, grad_k / grad_v of the key there
   kBackwardPrefixQuery = 6,  // items: (b, head, prefix) -> grad_q of the prefix queries
   kBackwardPrefixKey = 7,    // items: (b, head, prefix) -> grad_k / grad_v of the prefix keys
+  kValueSum = 8,             // items: (b, head)            -> value_sum = sum of the grid values (hard)
 };
 
 using KernelFn = void (*)(Stage stage, const Args& args, int64_t begin, int64_t end);

@@ -440,6 +440,12 @@ struct MaskedKernel {
     for (int64_t t = full; t < n; ++t) acc[t] += alpha * Tr::load(x[t]);
   }
 
+  static HMAIT_INLINE void add(A* acc, const S* x, int64_t n) {
+    const int64_t full = n - n % lanes;
+    for (int64_t c = 0; c < full; c += lanes) store_vector(acc + c, load_vector<V>(acc + c) + Tr::load_lanes(x + c));
+    for (int64_t t = full; t < n; ++t) acc[t] += Tr::load(x[t]);
+  }
+
   static HMAIT_INLINE void load(A* dst, const S* src, int64_t n) {
     const int64_t full = n - n % lanes;
     for (int64_t c = 0; c < full; c += lanes) store_vector(dst + c, Tr::load_lanes(src + c));
@@ -455,6 +461,26 @@ struct MaskedKernel {
   }
 
   // ---- forward ----
+
+  // Hard mode: the sum of all grid values of (b, head), which every query with non-neighbours needs.
+  void value_sum_stage(int64_t begin, int64_t end) const {
+    Row<A, D> even(dv()), odd(dv());
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / heads, head = bh % heads;
+      // Two accumulators, alternate tokens: half the dependency chain of the adds.
+      fill(even.data(), A(0), dv());
+      fill(odd.data(), A(0), dv());
+      const S* value = at(a.v, b, P, head);
+      int64_t g = 0;
+      for (; g + 1 < hw; g += 2, value += 2 * a.v.stride_n) {
+        add(even.data(), value, dv());
+        add(odd.data(), value + a.v.stride_n, dv());
+      }
+      if (g < hw) add(even.data(), value, dv());
+      A* sum = value_sum() + bh * dv();
+      for (int64_t c = 0; c < dv(); ++c) sum[c] = even.data()[c] + odd.data()[c];
+    }
+  }
 
   void forward_grid(int64_t begin, int64_t end) const {
     Row<A, D> q(d()), acc(dv());
@@ -693,6 +719,7 @@ struct MaskedKernel {
       case Stage::kBackwardGrid: backward_grid(begin, end); break;
       case Stage::kBackwardPrefixQuery: backward_prefix_query(begin, end); break;
       case Stage::kBackwardPrefixKey: backward_prefix_key(begin, end); break;
+      case Stage::kValueSum: value_sum_stage(begin, end); break;
     }
   }
 };
