@@ -86,12 +86,18 @@ def test_markdown_table_formats_and_aligns():
 
 def test_ratios_pair_hmait_with_its_swin_in_the_same_setting():
     common = dict(mode='inference', precision='fp32', runtime='eager', resolution=224, batch=8)
-    ms = [Measurement('hmait_tiny', **common, images_per_s=30., peak_memory_mib=90.),
-          Measurement('swin_tiny_patch4_window7_224', **common, images_per_s=20., peak_memory_mib=100.),
+    # Repetition 2 was slowed down for both models alike: its paired ratio stays at 1.5,
+    # while the ratio of the medians (30 / 12) does not see the pairing.
+    ms = [Measurement('hmait_tiny', **common, images_per_s=30., peak_memory_mib=90.,
+                      repetitions_images_per_s=[30., 15., 32.]),
+          Measurement('swin_tiny_patch4_window7_224', **common, images_per_s=12., peak_memory_mib=100.,
+                      repetitions_images_per_s=[20., 10., 12.]),
           Measurement('hmait_tiny', **dict(common, batch=1), images_per_s=5.)]
     (row,) = ratios(ms)
-    assert row['throughput_ratio'] == pytest.approx(1.5) and row['memory_ratio'] == pytest.approx(0.9)
-    assert '| 1.50 | 0.90 |' in table(ms)
+    assert row['throughput_ratio'] == pytest.approx(2.5) and row['memory_ratio'] == pytest.approx(0.9)
+    assert row['repetition_ratios'] == pytest.approx([1.5, 1.5, 32 / 12])
+    assert row['paired_ratio'] == pytest.approx(1.5) and row['paired_ratio_range'] == '1.50-2.67'
+    assert '| 2.50 | 1.50 | 1.50-2.67 | 0.90 |' in table(ms)
 
 
 def test_measure_setting_on_a_real_model_and_an_unknown_name():

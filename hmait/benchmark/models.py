@@ -3,6 +3,9 @@
 Every model of a comparison is built in the same process and timed alternately
 (:func:`hmait.benchmark.measure.time_alternating`); results are medians over repetitions, and
 the ratio H-MaiT / Swin is taken between models of the same size (tiny with tiny, small with small).
+Because every repetition times the pair back to back, the ratio is also given per repetition
+(its median and range): load that drifts during a run moves both models of a repetition alike,
+so the paired ratio is steadier than the ratio of the two medians on a shared machine.
 
 Procedure (Swin's throughput measurement): a fixed random batch, warm-up iterations, then timed
 iterations; images/s = batch / seconds per iteration. ``inference`` runs the forward pass under
@@ -181,16 +184,22 @@ def ratios(measurements: Sequence[Measurement]) -> list[dict]:
             continue
         mem = (m.peak_memory_mib / swin.peak_memory_mib
                if m.peak_memory_mib and swin.peak_memory_mib else None)
+        paired = sorted(a / b for a, b in zip(m.repetitions_images_per_s, swin.repetitions_images_per_s))
         rows.append(dict(model=m.model, swin=swin.model, mode=m.mode, precision=m.precision,
                          runtime=m.runtime, resolution=m.resolution, batch=m.batch,
-                         throughput_ratio=m.images_per_s / swin.images_per_s, memory_ratio=mem))
+                         throughput_ratio=m.images_per_s / swin.images_per_s, memory_ratio=mem,
+                         repetition_ratios=[a / b for a, b in zip(m.repetitions_images_per_s,
+                                                                  swin.repetitions_images_per_s)],
+                         paired_ratio=statistics.median(paired) if paired else None,
+                         paired_ratio_range=f'{paired[0]:.2f}-{paired[-1]:.2f}' if paired else None))
     return rows
 
 
 TABLE_COLUMNS = [('model', 'model'), ('mode', 'mode'), ('precision', 'precision'), ('runtime', 'runtime'),
                  ('resolution', 'resolution:'), ('batch', 'batch:'), ('images_per_s', 'images/s:'),
                  ('ms_per_iter', 'ms/iter:'), ('peak_memory_mib', 'peak MiB:'),
-                 ('throughput_ratio', 'throughput vs Swin:'), ('memory_ratio', 'memory vs Swin:'),
+                 ('throughput_ratio', 'throughput vs Swin:'), ('paired_ratio', 'per repetition: median:'),
+                 ('paired_ratio_range', 'range'), ('memory_ratio', 'memory vs Swin:'),
                  ('repetitions', 'images/s per repetition')]
 
 
