@@ -372,9 +372,39 @@ def test_fully_masked_stage_writes_the_projection_input_without_a_copy():
     assert not any(name.split('.')[1] in ('cat', 'clone', 'copy_', '_unsafe_view') for name in ops.names
                    if name.startswith('aten.')), ops.names
     with torch.no_grad():
-        q, k, v = attn._qkv(x)
+        q, k, v = attn._heads(attn._qkv(x))
         ref = attn.proj(torch_masked_attention(q, k, v, (5, 6), backend='torch').transpose(1, 2).reshape(2, 30, 48))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('masked', [0, 2, 4])
+def test_attention_backward_assembles_the_qkv_gradient_without_zero_filled_copies(masked):
+    from hmait.models import MaskedMultiheadAttention
+
+    torch.manual_seed(0)
+    attn = MaskedMultiheadAttention(64, num_heads=4, num_masked_heads=masked)
+    x = torch.randn(2, 5 * 6, 64, requires_grad=True)
+    out = attn(x, (5, 6))
+    grad_out = torch.randn_like(out)
+    with _OpNames() as ops:
+        out.backward(grad_out)
+    names = [name.split('.')[1] for name in ops.names if name.startswith('aten.')]
+    # Slicing q, k and v apart would show up as slice_backward (a zero-filled full-size gradient each).
+    assert 'slice_backward' not in names and 'zeros' not in names, names
+    assert names.count('cat') == (1 if 0 < masked < 4 else 0), names
+
+    # Output and gradient match the heads computed one by one, the masked ones by the portable path.
+    grad_kernel, x.grad = x.grad, None
+    q, k, v = attn._heads(attn._qkv(x))
+    heads = []
+    if masked:
+        heads.append(torch_masked_attention(q[:, :masked], k[:, :masked], v[:, :masked], (5, 6), backend='torch'))
+    if masked < 4:
+        heads.append(torch.nn.functional.scaled_dot_product_attention(q[:, masked:], k[:, masked:], v[:, masked:]))
+    ref = attn.proj(torch.cat(heads, dim=1).transpose(1, 2).reshape(2, 30, 64))
+    ref.backward(grad_out)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_kernel, x.grad, atol=1e-4, rtol=1e-4)
 
 
 def test_missing_kernel_warns_once_and_falls_back(tmp_path):

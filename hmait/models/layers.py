@@ -77,29 +77,46 @@ class MaskedMultiheadAttention(nn.Module):
         """Soft-masking factors of the masked heads, ``(num_masked_heads,)``, or None."""
         return None if self.soft_mask_logit is None else torch.sigmoid(self.soft_mask_logit)
 
-    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """x: ``(B, N, dim)`` -> the qkv projection as ``(B, N, 3, heads, d)``."""
         b, n, _ = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, heads, N, d)
-        return q, k, v
+        return self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
+
+    @staticmethod
+    def _heads(qkv: torch.Tensor) -> list[torch.Tensor]:
+        """``(B, N, 3, heads, d)`` -> q, k, v as ``(B, heads, N, d)`` views."""
+        # Indexed rather than iterated, so that torch.fx can trace it.
+        qkv = qkv.unbind(2)
+        return [qkv[0].transpose(1, 2), qkv[1].transpose(1, 2), qkv[2].transpose(1, 2)]
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """x: ``(B, N, dim)``, hw: grid ``(h, w)`` -> ``(B, N, dim)``."""
         b, n, c = x.shape
-        q, k, v = self._qkv(x)
+        qkv = self._qkv(x)
         m = self.num_masked_heads
+        # One split of the projection into the masked and the global heads (none where a stage has
+        # only one kind): its backward is one cat, where slicing q, k and v apart would give six
+        # zero-filled full-size gradients to add up.
+        if m == self.num_heads:
+            masked, glob = qkv, None
+        elif m == 0:
+            masked, glob = None, qkv
+        else:
+            parts = qkv.split([m, self.num_heads - m], dim=3)
+            masked, glob = parts[0], parts[1]
         # Each head group's output goes to the token-major (B, N, heads, d) layout that proj reads.
         # The compiled CPU kernel writes that layout itself, so a fully masked stage copies nothing
         # here; a mixed stage pays one copy, in the cat.
         outs = []
-        if m:
+        if masked is not None:
             alpha = None if self.soft_mask_logit is None else torch.sigmoid(self.soft_mask_logit)
-            outs.append(_masked_heads(q[:, :m], k[:, :m], v[:, :m], hw, self.mask_size, self.mode, alpha,
-                                      self.num_prefix_tokens, self.scale).transpose(1, 2))
-        if m < self.num_heads:
+            q, k, v = self._heads(masked)
+            outs.append(_masked_heads(q, k, v, hw, self.mask_size, self.mode, alpha, self.num_prefix_tokens,
+                                      self.scale).transpose(1, 2))
+        if glob is not None:
+            q, k, v = self._heads(glob)
             outs.append(F.scaled_dot_product_attention(
-                q[:, m:], k[:, m:], v[:, m:], dropout_p=self.attn_drop if self.training else 0.,
-                scale=self.scale).transpose(1, 2))
+                q, k, v, dropout_p=self.attn_drop if self.training else 0., scale=self.scale).transpose(1, 2))
         x = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
         x = x.reshape(b, n, c)
         return self.proj_drop(self.proj(x))
@@ -107,7 +124,7 @@ class MaskedMultiheadAttention(nn.Module):
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """Dense attention maps of every head, ``(B, heads, N, N)``, for analysis on small inputs."""
-        q, k, _ = self._qkv(x)
+        q, k, _ = self._heads(self._qkv(x))
         m = self.num_masked_heads
         maps = []
         if m:

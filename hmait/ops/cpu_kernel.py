@@ -189,9 +189,13 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.config = (h, w, num_prefix, mask_size, hard, scale)
     ctx.mark_non_differentiable(lse)
+    # lse never gets a gradient: without this, autograd would fill a zero tensor for it every backward.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, _grad_lse):
+    if grad_out is None:
+        return (None,) * 9
     q, k, v, out, lse = ctx.saved_tensors
     grad_q, grad_k, grad_v = torch.ops.hmait.masked_attention_cpu_bwd(grad_out, q, k, v, out, lse, *ctx.config)
     return grad_q, grad_k, grad_v, None, None, None, None, None, None
