@@ -87,6 +87,22 @@ def test_matches_dense_reference(mode, hw, prefix, mask_size, dtype):
     _assert_matches(got, want, dtype, f'{mode} {hw} prefix={prefix} mask={mask_size} {dtype}')
 
 
+@pytest.mark.parametrize('dtype', DTYPES, ids=str)
+@pytest.mark.parametrize('head_dim', [32, 64])
+@pytest.mark.parametrize('hw', [(3, 3), (4, 4), (5, 3), (7, 9), (2, 6)], ids=lambda hw: f'{hw[0]}x{hw[1]}')
+@pytest.mark.parametrize('mode', ['hard', 'strict'])
+def test_interior_fast_path_matches_dense_reference(mode, hw, head_dim, dtype):
+    # Head sizes with a compile-time specialisation, mask 3 and no prefix tokens: queries whose box the
+    # border does not cut take the kernel's fast path, the others the general one.
+    gen = torch.Generator().manual_seed(zlib.crc32(f'fast {mode} {hw} {head_dim}'.encode()))
+    n = hw[0] * hw[1]
+    q, k, v = (_random((2, 3, n, head_dim), dtype, gen) for _ in range(3))
+    grad_out = _random((2, 3, n, head_dim), dtype, gen)
+    got = _kernel(q, k, v, hw, 3, mode, 0, grad_out)
+    want = _reference(q, k, v, hw, 3, mode, 0, grad_out)
+    _assert_matches(got, want, dtype, f'fast path {mode} {hw} d={head_dim} {dtype}')
+
+
 def test_hard_and_strict_differ():
     # Guards the comparison above against a kernel that ignores the mode.
     gen = torch.Generator().manual_seed(0)

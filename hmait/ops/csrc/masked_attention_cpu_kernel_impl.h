@@ -1,7 +1,7 @@
 // Compute kernels of the hard and strict masked heads on CPU, forward and backward.
 //
 // Textually included inside one namespace per instruction set (see masked_attention_cpu_<isa>.cpp),
-// after <algorithm>, <cmath>, <cstdint>, <cstring>, <limits>, <utility> and <vector>; it includes
+// after <algorithm>, <cmath>, <cstdint>, <cstring>, <limits>, <type_traits>, <utility> and <vector>; it includes
 // nothing itself, so that no standard-library function gets compiled with the instruction set of
 // the including file.
 //
@@ -139,6 +139,28 @@ template <typename E>
 struct HorizontalMax<E, int(2 * sizeof(E))> {
   typedef E Full __attribute__((vector_size(2 * sizeof(E))));
   static HMAIT_INLINE E run(const Full& v) { return v[0] > v[1] ? v[0] : v[1]; }
+};
+
+// Sums of the lanes of several vectors at once. One step maps (a, b) to the pairwise sums of their
+// neighbouring lanes, a's in the low half and b's in the high half; after log2(lanes) steps over
+// n vectors, lane i of result vector i / lanes is the sum of input vector i. That is about three
+// instructions per input vector, where one horizontal sum each costs log2(lanes) shuffles and adds.
+template <typename V, size_t... I>
+HMAIT_INLINE V pair_sums(const V& a, const V& b, std::index_sequence<I...>) {
+  return __builtin_shufflevector(a, b, (2 * I)...) + __builtin_shufflevector(a, b, (2 * I + 1)...);
+}
+
+template <typename V, int Lanes, int N, int Width = Lanes>
+struct LaneSums {
+  // Reduces v[0..N) in place; the sums end up in v[0 .. ceil(N / Lanes)). Width: lanes per input
+  // vector not yet summed.
+  static HMAIT_INLINE void run(V* v) {
+    if constexpr (Width > 1) {
+      for (int i = 0; i < N / 2; ++i) v[i] = pair_sums(v[2 * i], v[2 * i + 1], std::make_index_sequence<Lanes>{});
+      if constexpr (N % 2 == 1) v[N / 2] = pair_sums(v[N - 1], V{}, std::make_index_sequence<Lanes>{});
+      LaneSums<V, Lanes, (N + 1) / 2, Width / 2>::run(v);
+    }
+  }
 };
 
 // Asks for the cache lines of n elements at p ahead of their use.
@@ -482,12 +504,107 @@ struct MaskedKernel {
     }
   }
 
+  // The interior fast path: a 3x3 box that the border does not cut, no prefix tokens, and a head size
+  // known at compile time. The nine offsets are constants of the call, q and the accumulator stay in
+  // registers, and the nine logits are reduced together (LaneSums).
+  static constexpr bool kHasFastPath = std::is_same<A, float>::value && D > 0 && D % lanes == 0;
+  static constexpr int64_t kBox = 9;
+  static constexpr int64_t kBoxVectors = (kBox + lanes - 1) / lanes;
+
+  bool fast_path_applies() const { return kHasFastPath && P == 0 && a.mask_size == 3; }
+
+  bool interior(const Cursor& c) const { return c.row >= 1 && c.row + 1 < h && c.col >= 1 && c.col + 1 < w; }
+
+  // Offsets (in elements) of the 3x3 box's tokens from its centre, row-major.
+  void box_offsets(const View& view, int64_t* offsets) const {
+    for (int64_t dr = -1, j = 0; dr <= 1; ++dr)
+      for (int64_t dc = -1; dc <= 1; ++dc, ++j) offsets[j] = (dr * w + dc) * view.stride_n;
+  }
+
+  HMAIT_INLINE void forward_interior(const Cursor& c, const int64_t* key_offsets, const int64_t* value_offsets,
+                                     A* weight, S* out) const {
+    constexpr int64_t nv = kHasFastPath ? D / lanes : 1;
+    const int64_t b = c.b, head = c.head, bh = b * heads + head, g = c.row * w + c.col;
+    {
+      const int64_t ahead = std::min(c.row + 1, h - 1) * w + std::min(c.col + 3, w - 1);
+      prefetch(at(a.k, b, ahead, head), D);
+      prefetch(at(a.v, b, ahead, head), D);
+    }
+    V q[nv];
+    const S* query = at(a.q, b, g, head);
+    for (int64_t t = 0; t < nv; ++t) q[t] = Tr::load_lanes(query + t * lanes);
+    // Logits: per key a vector of partial products, then the lane sums of all nine at once.
+    V part[kBox];
+    const S* key = at(a.k, b, g, head);
+    for (int64_t j = 0; j < kBox; ++j) {
+      const S* k = key + key_offsets[j];
+      V sum = q[0] * Tr::load_lanes(k);
+      for (int64_t t = 1; t < nv; ++t) sum += q[t] * Tr::load_lanes(k + t * lanes);
+      part[j] = sum;
+    }
+    LaneSums<V, int(lanes), int(kBox)>::run(part);
+    // Lanes past the ninth logit hold zeros: -inf there keeps them out of the max and the sum.
+    const bool with_outside = hard && hw > kBox;
+    V largest = V{} + (with_outside ? A(0) : -std::numeric_limits<A>::infinity());
+    for (int64_t i = 0; i < kBoxVectors; ++i) {
+      V index = {};
+      for (int64_t l = 0; l < lanes; ++l) index[l] = A(i * lanes + l);
+      part[i] = index < A(kBox) ? part[i] * scale : V{} - std::numeric_limits<A>::infinity();
+      largest = part[i] > largest ? part[i] : largest;
+    }
+    const A m = HorizontalMax<A, HMAIT_VECTOR_BYTES>::run(largest);
+    V total = {};
+    for (int64_t i = 0; i < kBoxVectors; ++i) {
+      const V e = exp_lanes(part[i] - m);
+      total += e;
+      store_vector(weight + i * lanes, e);
+    }
+    A denom = HorizontalSum<A, HMAIT_VECTOR_BYTES>::run(total);
+    // exp(-m) per non-neighbour, folded into the weights as in the general path.
+    const A outside_weight = with_outside ? exp_acc(-m) : A(0);
+    denom += outside_weight * A(hw - kBox);
+    V acc[nv];
+    if (with_outside) {
+      const A* sum = value_sum() + bh * D;
+      for (int64_t t = 0; t < nv; ++t) acc[t] = outside_weight * load_vector<V>(sum + t * lanes);
+    } else {
+      for (int64_t t = 0; t < nv; ++t) acc[t] = V{};
+    }
+    const S* value = at(a.v, b, g, head);
+    for (int64_t j = 0; j < kBox; ++j) {
+      const V factor = V{} + (weight[j] - outside_weight);
+      const S* v = value + value_offsets[j];
+      for (int64_t t = 0; t < nv; ++t) acc[t] += factor * Tr::load_lanes(v + t * lanes);
+    }
+    const A inverse = A(1) / denom;
+    S* o = out + out_offset(b, g, head, D);
+    if constexpr (std::is_same<S, A>::value) {
+      for (int64_t t = 0; t < nv; ++t) store_vector(o + t * lanes, acc[t] * inverse);
+    } else {
+      alignas(64) A row[kHasFastPath ? D : 1];
+      for (int64_t t = 0; t < nv; ++t) store_vector(row + t * lanes, acc[t]);
+      store(o, row, inverse, D);
+    }
+    lse()[bh * N + g] = m + std::log(denom);
+  }
+
   void forward_grid(int64_t begin, int64_t end) const {
     Row<A, D> q(d()), acc(dv());
     std::vector<A> weight(padded(P + (2 * radius + 1) * (2 * radius + 1)));
     S* out = static_cast<S*>(const_cast<void*>(a.out.data));
+    const bool fast = fast_path_applies();
+    int64_t key_offsets[kBox], value_offsets[kBox];
+    box_offsets(a.k, key_offsets);
+    box_offsets(a.v, value_offsets);
+    alignas(64) A fast_weight[kBoxVectors * lanes];
     Cursor cursor = cursor_at(begin);
     for (int64_t item = begin; item < end; ++item, advance(cursor)) {
+      if constexpr (kHasFastPath) {
+        if (fast && interior(cursor)) {
+          forward_interior(cursor, key_offsets, value_offsets, fast_weight, out);
+          continue;
+        }
+      }
       const int64_t b = cursor.b, head = cursor.head, bh = b * heads + head, g = cursor.row * w + cursor.col;
       int64_t r0, r1, c0, c1;
       box(cursor.row, cursor.col, r0, r1, c0, c1);
