@@ -141,24 +141,47 @@ struct HorizontalMax<E, int(2 * sizeof(E))> {
   static HMAIT_INLINE E run(const Full& v) { return v[0] > v[1] ? v[0] : v[1]; }
 };
 
-// Sums of the lanes of several vectors at once. One step maps (a, b) to the pairwise sums of their
-// neighbouring lanes, a's in the low half and b's in the high half; after log2(lanes) steps over
-// n vectors, lane i of result vector i / lanes is the sum of input vector i. That is about three
-// instructions per input vector, where one horizontal sum each costs log2(lanes) shuffles and adds.
-template <typename V, size_t... I>
-HMAIT_INLINE V pair_sums(const V& a, const V& b, std::index_sequence<I...>) {
-  return __builtin_shufflevector(a, b, (2 * I)...) + __builtin_shufflevector(a, b, (2 * I + 1)...);
+// Sums of the lanes of several float vectors at once (4, 8 or 16 lanes: blocks of four lanes, the
+// 128-bit units of SSE / AVX / AVX-512). Two in-block steps map four vectors (a, b, c, d) to one whose
+// block k holds the sums of block k of a, b, c, d; then block steps add neighbouring blocks until each
+// lane holds a whole sum. For n vectors, lane i of result vector i / lanes is the sum of input i.
+// Every step is two shuffles that each instruction set does in one instruction (shufps within blocks,
+// a 128-bit permute across them) and an add: about three instructions per input vector, where one
+// horizontal sum each costs log2(lanes) shuffles and adds.
+constexpr int in_block_index(int lane, int lanes, int odd) {
+  // Lanes 0, 1 of a block: pairs of a's block; lanes 2, 3: pairs of b's (at lanes + ...).
+  return (lane % 4 < 2 ? 0 : lanes) + lane / 4 * 4 + 2 * (lane % 2) + odd;
 }
 
-template <typename V, int Lanes, int N, int Width = Lanes>
+constexpr int block_index(int lane, int lanes, int odd) {
+  // The low half of the blocks: pairs of a's blocks; the high half: pairs of b's.
+  const int half = lanes / 8, block = lane / 4;
+  return (block < half ? 8 * block : lanes + 8 * (block - half)) + lane % 4 + 4 * odd;
+}
+
+template <typename V, int Lanes, bool InBlock, size_t... I>
+HMAIT_INLINE V pair_sums(const V& a, const V& b, std::index_sequence<I...>) {
+  if constexpr (InBlock) {
+    return __builtin_shufflevector(a, b, in_block_index(int(I), Lanes, 0)...) +
+           __builtin_shufflevector(a, b, in_block_index(int(I), Lanes, 1)...);
+  } else {
+    return __builtin_shufflevector(a, b, block_index(int(I), Lanes, 0)...) +
+           __builtin_shufflevector(a, b, block_index(int(I), Lanes, 1)...);
+  }
+}
+
+// Step is the number of steps done: 0 and 1 in blocks, then across blocks until 2^Step == Lanes.
+template <typename V, int Lanes, int N, int Step = 0>
 struct LaneSums {
-  // Reduces v[0..N) in place; the sums end up in v[0 .. ceil(N / Lanes)). Width: lanes per input
-  // vector not yet summed.
+  static_assert(Lanes == 4 || Lanes == 8 || Lanes == 16, "LaneSums works on 4, 8 or 16 float lanes");
+  // Reduces v[0..N) in place; the sums end up in v[0 .. ceil(N / Lanes)).
   static HMAIT_INLINE void run(V* v) {
-    if constexpr (Width > 1) {
-      for (int i = 0; i < N / 2; ++i) v[i] = pair_sums(v[2 * i], v[2 * i + 1], std::make_index_sequence<Lanes>{});
-      if constexpr (N % 2 == 1) v[N / 2] = pair_sums(v[N - 1], V{}, std::make_index_sequence<Lanes>{});
-      LaneSums<V, Lanes, (N + 1) / 2, Width / 2>::run(v);
+    if constexpr ((1 << Step) < Lanes) {
+      constexpr bool in_block = Step < 2;
+      const auto lanes = std::make_index_sequence<Lanes>{};
+      for (int i = 0; i < N / 2; ++i) v[i] = pair_sums<V, Lanes, in_block>(v[2 * i], v[2 * i + 1], lanes);
+      if constexpr (N % 2 == 1) v[N / 2] = pair_sums<V, Lanes, in_block>(v[N - 1], V{}, lanes);
+      LaneSums<V, Lanes, (N + 1) / 2, Step + 1>::run(v);
     }
   }
 };
@@ -535,14 +558,7 @@ struct MaskedKernel {
     for (int64_t t = 0; t < nv; ++t) q[t] = Tr::load_lanes(query + t * lanes);
     // Logits: per key a vector of partial products, then the lane sums of all nine at once.
     V part[kBox];
-    const S* key = at(a.k, b, g, head);
-    for (int64_t j = 0; j < kBox; ++j) {
-      const S* k = key + key_offsets[j];
-      V sum = q[0] * Tr::load_lanes(k);
-      for (int64_t t = 1; t < nv; ++t) sum += q[t] * Tr::load_lanes(k + t * lanes);
-      part[j] = sum;
-    }
-    LaneSums<V, int(lanes), int(kBox)>::run(part);
+    box_dots(q, at(a.k, b, g, head), key_offsets, part);
     // Lanes past the ninth logit hold zeros: -inf there keeps them out of the max and the sum.
     const bool with_outside = hard && hw > kBox;
     V largest = V{} + (with_outside ? A(0) : -std::numeric_limits<A>::infinity());
@@ -570,22 +586,109 @@ struct MaskedKernel {
     } else {
       for (int64_t t = 0; t < nv; ++t) acc[t] = V{};
     }
-    const S* value = at(a.v, b, g, head);
-    for (int64_t j = 0; j < kBox; ++j) {
-      const V factor = V{} + (weight[j] - outside_weight);
-      const S* v = value + value_offsets[j];
-      for (int64_t t = 0; t < nv; ++t) acc[t] += factor * Tr::load_lanes(v + t * lanes);
-    }
-    const A inverse = A(1) / denom;
-    S* o = out + out_offset(b, g, head, D);
-    if constexpr (std::is_same<S, A>::value) {
-      for (int64_t t = 0; t < nv; ++t) store_vector(o + t * lanes, acc[t] * inverse);
-    } else {
-      alignas(64) A row[kHasFastPath ? D : 1];
-      for (int64_t t = 0; t < nv; ++t) store_vector(row + t * lanes, acc[t]);
-      store(o, row, inverse, D);
-    }
+    for (int64_t j = 0; j < kBox; ++j) weight[j] -= outside_weight;
+    box_axpy(acc, weight, at(a.v, b, g, head), value_offsets);
+    store_row(out + out_offset(b, g, head, D), acc, A(1) / denom);
     lse()[bh * N + g] = m + std::log(denom);
+  }
+
+  // dst = factor * the D accumulators in registers, in the storage type.
+  static HMAIT_INLINE void store_row(S* dst, const V* acc, A factor) {
+    constexpr int64_t nv = kHasFastPath ? D / lanes : 1;
+    if constexpr (std::is_same<S, A>::value) {
+      for (int64_t t = 0; t < nv; ++t) store_vector(dst + t * lanes, acc[t] * factor);
+    } else {
+      alignas(64) A row[nv * lanes];
+      for (int64_t t = 0; t < nv; ++t) store_vector(row + t * lanes, acc[t]);
+      store(dst, row, factor, D);
+    }
+  }
+
+  // part[j] = the dot product of x (in registers) with the row at base + offsets[j], for the nine
+  // tokens of the box, reduced together: the products end up in the first nine lanes of part[0..).
+  static HMAIT_INLINE void box_dots(const V* x, const S* base, const int64_t* offsets, V* part) {
+    constexpr int64_t nv = kHasFastPath ? D / lanes : 1;
+    for (int64_t j = 0; j < kBox; ++j) {
+      const S* y = base + offsets[j];
+      V sum = x[0] * Tr::load_lanes(y);
+      for (int64_t t = 1; t < nv; ++t) sum += x[t] * Tr::load_lanes(y + t * lanes);
+      part[j] = sum;
+    }
+    LaneSums<V, int(lanes), int(kBox)>::run(part);
+  }
+
+  // acc += sum_j weight[j] * (the row at base + offsets[j]), over the nine tokens of the box.
+  static HMAIT_INLINE void box_axpy(V* acc, const A* weight, const S* base, const int64_t* offsets) {
+    constexpr int64_t nv = kHasFastPath ? D / lanes : 1;
+    for (int64_t j = 0; j < kBox; ++j) {
+      const V factor = V{} + weight[j];
+      const S* y = base + offsets[j];
+      for (int64_t t = 0; t < nv; ++t) acc[t] += factor * Tr::load_lanes(y + t * lanes);
+    }
+  }
+
+  // Backward of one interior grid position g: grad_q of query g and grad_k, grad_v of key g, as in
+  // backward_grid, with the 36 dot products of the box reduced nine at a time.
+  HMAIT_INLINE void backward_interior(const Cursor& c, const int64_t* const* offsets, A* buffer, S* dq_out,
+                                      S* dk_out, S* dv_out) const {
+    constexpr int64_t nv = kHasFastPath ? D / lanes : 1;
+    const int64_t* q_offsets = offsets[0];
+    const int64_t* k_offsets = offsets[1];
+    const int64_t* v_offsets = offsets[2];
+    const int64_t* go_offsets = offsets[3];
+    const int64_t* token_offsets = offsets[4];
+    const int64_t b = c.b, head = c.head, bh = b * heads + head, g = c.row * w + c.col;
+    const A* lse_bh = lse() + bh * N;
+    const A* delta_bh = delta() + bh * N;
+    const S* query = at(a.q, b, g, head);
+    const S* key = at(a.k, b, g, head);
+    const S* value = at(a.v, b, g, head);
+    const S* go = at(a.grad_out, b, g, head);
+    A* ds = buffer;                            // kBoxVectors * lanes each
+    A* row_lse = buffer + kBoxVectors * lanes;
+    A* row_delta = row_lse + kBoxVectors * lanes;
+    A* row_outside = row_delta + kBoxVectors * lanes;
+    A* weight_v = row_outside + kBoxVectors * lanes;
+    V x[nv], y[nv], acc[nv], part[kBox], part2[kBox];
+
+    // grad_q of query g: scale * sum_j p_gj (grad_out_g . v_j - delta_g) k_j.
+    for (int64_t t = 0; t < nv; ++t) x[t] = Tr::load_lanes(query + t * lanes), y[t] = Tr::load_lanes(go + t * lanes);
+    box_dots(x, key, k_offsets, part);
+    box_dots(y, value, v_offsets, part2);
+    const A lse_g = lse_bh[g], delta_g = delta_bh[g];
+    for (int64_t i = 0; i < kBoxVectors; ++i)
+      store_vector(ds + i * lanes, exp_lanes(part[i] * scale - lse_g) * (part2[i] - delta_g));
+    for (int64_t t = 0; t < nv; ++t) acc[t] = V{};
+    box_axpy(acc, ds, key, k_offsets);
+    store_row(dq_out + out_offset(b, g, head, D), acc, scale);
+
+    // grad_k, grad_v of key g over the queries i of its box: p_ig = exp(scale q_i . k_g - lse_i).
+    for (int64_t j = 0; j < kBox; ++j) {
+      const int64_t i = g + token_offsets[j];
+      row_lse[j] = lse_bh[i];
+      row_delta[j] = delta_bh[i];
+      if (hard) row_outside[j] = outside_prob()[bh * N + i];
+    }
+    for (int64_t t = 0; t < nv; ++t) x[t] = Tr::load_lanes(key + t * lanes), y[t] = Tr::load_lanes(value + t * lanes);
+    box_dots(x, query, q_offsets, part);
+    box_dots(y, go, go_offsets, part2);
+    for (int64_t i = 0; i < kBoxVectors; ++i) {
+      const V p = exp_lanes(part[i] * scale - load_vector<V>(row_lse + i * lanes));
+      store_vector(ds + i * lanes, p * (part2[i] - load_vector<V>(row_delta + i * lanes)));
+      // The shared outside gradient counted v_g as outside for every query; the box's queries see it.
+      store_vector(weight_v + i * lanes, hard ? p - load_vector<V>(row_outside + i * lanes) : p);
+    }
+    for (int64_t t = 0; t < nv; ++t) acc[t] = V{};
+    box_axpy(acc, ds, query, q_offsets);
+    store_row(dk_out + out_offset(b, g, head, D), acc, scale);
+    if (hard) {
+      const A* shared = value_sum() + bh * D;
+      for (int64_t t = 0; t < nv; ++t) acc[t] = load_vector<V>(shared + t * lanes);
+    } else {
+      for (int64_t t = 0; t < nv; ++t) acc[t] = V{};
+    }
+    box_axpy(acc, weight_v, go, go_offsets);
+    store_row(dv_out + out_offset(b, g, head, D), acc, A(1));
   }
 
   void forward_grid(int64_t begin, int64_t end) const {
@@ -717,8 +820,25 @@ struct MaskedKernel {
     S* dq_out = static_cast<S*>(a.grad_q);
     S* dk_out = static_cast<S*>(a.grad_k);
     S* dv_out = static_cast<S*>(a.grad_v);
+    const bool fast = fast_path_applies();
+    int64_t box_of[5][kBox];
+    box_offsets(a.q, box_of[0]);
+    box_offsets(a.k, box_of[1]);
+    box_offsets(a.v, box_of[2]);
+    box_offsets(a.grad_out, box_of[3]);
+    View tokens;
+    tokens.stride_n = 1;
+    box_offsets(tokens, box_of[4]);
+    const int64_t* fast_offsets[5] = {box_of[0], box_of[1], box_of[2], box_of[3], box_of[4]};
+    alignas(64) A fast_buffer[5 * kBoxVectors * lanes] = {};
     Cursor cursor = cursor_at(begin);
     for (int64_t item = begin; item < end; ++item, advance(cursor)) {
+      if constexpr (kHasFastPath) {
+        if (fast && interior(cursor)) {
+          backward_interior(cursor, fast_offsets, fast_buffer, dq_out, dk_out, dv_out);
+          continue;
+        }
+      }
       const int64_t b = cursor.b, head = cursor.head, bh = b * heads + head, g = cursor.row * w + cursor.col;
       const A* lse_bh = lse() + bh * N;
       const A* delta_bh = delta() + bh * N;
