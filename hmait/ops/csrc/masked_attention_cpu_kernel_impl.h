@@ -145,9 +145,9 @@ struct HorizontalMax<E, int(2 * sizeof(E))> {
 // 128-bit units of SSE / AVX / AVX-512). Two in-block steps map four vectors (a, b, c, d) to one whose
 // block k holds the sums of block k of a, b, c, d; then block steps add neighbouring blocks until each
 // lane holds a whole sum. For n vectors, lane i of result vector i / lanes is the sum of input i.
-// Every step is two shuffles that each instruction set does in one instruction (shufps within blocks,
-// a 128-bit permute across them) and an add: about three instructions per input vector, where one
-// horizontal sum each costs log2(lanes) shuffles and adds.
+// Every step is two shuffles of a kind each instruction set has as one instruction (shufps within
+// blocks, a 128-bit permute across them) and an add, shared by two inputs; one horizontal sum per
+// vector would cost log2(lanes) shuffles and adds each.
 constexpr int in_block_index(int lane, int lanes, int odd) {
   // Lanes 0, 1 of a block: pairs of a's block; lanes 2, 3: pairs of b's (at lanes + ...).
   return (lane % 4 < 2 ? 0 : lanes) + lane / 4 * 4 + 2 * (lane % 2) + odd;
