@@ -184,12 +184,12 @@ def ratios(measurements: Sequence[Measurement]) -> list[dict]:
             continue
         mem = (m.peak_memory_mib / swin.peak_memory_mib
                if m.peak_memory_mib and swin.peak_memory_mib else None)
-        paired = sorted(a / b for a, b in zip(m.repetitions_images_per_s, swin.repetitions_images_per_s))
+        per_repetition = [a / b for a, b in zip(m.repetitions_images_per_s, swin.repetitions_images_per_s)]
+        paired = sorted(per_repetition)
         rows.append(dict(model=m.model, swin=swin.model, mode=m.mode, precision=m.precision,
                          runtime=m.runtime, resolution=m.resolution, batch=m.batch,
                          throughput_ratio=m.images_per_s / swin.images_per_s, memory_ratio=mem,
-                         repetition_ratios=[a / b for a, b in zip(m.repetitions_images_per_s,
-                                                                  swin.repetitions_images_per_s)],
+                         repetition_ratios=per_repetition,
                          paired_ratio=statistics.median(paired) if paired else None,
                          paired_ratio_range=f'{paired[0]:.2f}-{paired[-1]:.2f}' if paired else None))
     return rows

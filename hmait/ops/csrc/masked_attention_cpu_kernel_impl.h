@@ -485,12 +485,6 @@ struct MaskedKernel {
     for (int64_t t = full; t < n; ++t) acc[t] += alpha * Tr::load(x[t]);
   }
 
-  static HMAIT_INLINE void add(A* acc, const S* x, int64_t n) {
-    const int64_t full = n - n % lanes;
-    for (int64_t c = 0; c < full; c += lanes) store_vector(acc + c, load_vector<V>(acc + c) + Tr::load_lanes(x + c));
-    for (int64_t t = full; t < n; ++t) acc[t] += Tr::load(x[t]);
-  }
-
   static HMAIT_INLINE void load(A* dst, const S* src, int64_t n) {
     const int64_t full = n - n % lanes;
     for (int64_t c = 0; c < full; c += lanes) store_vector(dst + c, Tr::load_lanes(src + c));
@@ -507,6 +501,14 @@ struct MaskedKernel {
 
   // ---- forward ----
 
+  // The key and value that enter the box of grid position (row, col) a few queries from now (the
+  // hardware prefetchers miss this pattern: a couple of cache lines per token, a token row apart).
+  HMAIT_INLINE void prefetch_box_ahead(int64_t b, int64_t row, int64_t col, int64_t head) const {
+    const int64_t ahead = P + std::min(row + radius, h - 1) * w + std::min(col + radius + 2, w - 1);
+    prefetch(at(a.k, b, ahead, head), d());
+    prefetch(at(a.v, b, ahead, head), dv());
+  }
+
   // Hard mode: the sum of all grid values of (b, head), which every query with non-neighbours needs.
   void value_sum_stage(int64_t begin, int64_t end) const {
     Row<A, D> even(dv()), odd(dv());
@@ -518,10 +520,10 @@ struct MaskedKernel {
       const S* value = at(a.v, b, P, head);
       int64_t g = 0;
       for (; g + 1 < hw; g += 2, value += 2 * a.v.stride_n) {
-        add(even.data(), value, dv());
-        add(odd.data(), value + a.v.stride_n, dv());
+        axpy(even.data(), A(1), value, dv());
+        axpy(odd.data(), A(1), value + a.v.stride_n, dv());
       }
-      if (g < hw) add(even.data(), value, dv());
+      if (g < hw) axpy(even.data(), A(1), value, dv());
       A* sum = value_sum() + bh * dv();
       for (int64_t c = 0; c < dv(); ++c) sum[c] = even.data()[c] + odd.data()[c];
     }
@@ -548,11 +550,7 @@ struct MaskedKernel {
                                      A* weight, S* out) const {
     constexpr int64_t nv = kHasFastPath ? D / lanes : 1;
     const int64_t b = c.b, head = c.head, bh = b * heads + head, g = c.row * w + c.col;
-    {
-      const int64_t ahead = std::min(c.row + 1, h - 1) * w + std::min(c.col + 3, w - 1);
-      prefetch(at(a.k, b, ahead, head), D);
-      prefetch(at(a.v, b, ahead, head), D);
-    }
+    prefetch_box_ahead(b, c.row, c.col, head);
     V q[nv];
     const S* query = at(a.q, b, g, head);
     for (int64_t t = 0; t < nv; ++t) q[t] = Tr::load_lanes(query + t * lanes);
@@ -629,7 +627,8 @@ struct MaskedKernel {
 
   // Backward of one interior grid position g: grad_q of query g and grad_k, grad_v of key g, as in
   // backward_grid, with the 36 dot products of the box reduced nine at a time.
-  HMAIT_INLINE void backward_interior(const Cursor& c, const int64_t* const* offsets, A* buffer, S* dq_out,
+  // offsets: the box offsets in q, k, v, grad_out and in tokens (box_offsets).
+  HMAIT_INLINE void backward_interior(const Cursor& c, const int64_t (*offsets)[kBox], A* buffer, S* dq_out,
                                       S* dk_out, S* dv_out) const {
     constexpr int64_t nv = kHasFastPath ? D / lanes : 1;
     const int64_t* q_offsets = offsets[0];
@@ -711,12 +710,7 @@ struct MaskedKernel {
       const int64_t b = cursor.b, head = cursor.head, bh = b * heads + head, g = cursor.row * w + cursor.col;
       int64_t r0, r1, c0, c1;
       box(cursor.row, cursor.col, r0, r1, c0, c1);
-      // The key and value that enter the box a few queries from now (the hardware prefetchers miss
-      // this pattern: a couple of cache lines per token, a token row apart).
-      const int64_t ahead_row = std::min(cursor.row + radius, h - 1);
-      const int64_t ahead_col = std::min(cursor.col + radius + 2, w - 1);
-      prefetch(at(a.k, b, P + ahead_row * w + ahead_col, head), d());
-      prefetch(at(a.v, b, P + ahead_row * w + ahead_col, head), dv());
+      prefetch_box_ahead(b, cursor.row, cursor.col, head);
       load(q.data(), at(a.q, b, P + g, head), d());
 
       // Logits of the prefix keys, then of the box, row by row.
@@ -829,13 +823,12 @@ struct MaskedKernel {
     View tokens;
     tokens.stride_n = 1;
     box_offsets(tokens, box_of[4]);
-    const int64_t* fast_offsets[5] = {box_of[0], box_of[1], box_of[2], box_of[3], box_of[4]};
     alignas(64) A fast_buffer[5 * kBoxVectors * lanes] = {};
     Cursor cursor = cursor_at(begin);
     for (int64_t item = begin; item < end; ++item, advance(cursor)) {
       if constexpr (kHasFastPath) {
         if (fast && interior(cursor)) {
-          backward_interior(cursor, fast_offsets, fast_buffer, dq_out, dk_out, dv_out);
+          backward_interior(cursor, box_of, fast_buffer, dq_out, dk_out, dv_out);
           continue;
         }
       }
