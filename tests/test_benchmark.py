@@ -11,8 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from hmait.benchmark.attention import benchmark_attention, summarise
-from hmait.benchmark.measure import hardware_record, markdown_table, peak_memory_mib, record, time_alternating
+from hmait.benchmark.attention import _call, benchmark_attention, path_fn, summarise
+from hmait.benchmark.measure import (
+    ALLOCATOR_VARIABLES,
+    hardware_line,
+    hardware_record,
+    markdown_table,
+    peak_memory_mib,
+    record,
+    time_alternating,
+)
 from hmait.benchmark.models import BenchmarkPlan, Measurement, Setting, default_plan, measure_setting, ratios, table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,6 +86,18 @@ def test_hardware_record_and_payload_head():
     assert payload['hardware']['torch'] == torch.__version__
 
 
+def test_hardware_record_names_the_allocator_settings(monkeypatch):
+    for name in ALLOCATOR_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    info = hardware_record('cpu')
+    assert info['allocator'] == 'default' and info['libc']
+    assert 'allocator' not in hardware_line(info)
+    monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.trim_threshold=1073741824')
+    info = hardware_record('cpu')
+    assert info['allocator'] == {'GLIBC_TUNABLES': 'glibc.malloc.trim_threshold=1073741824'}
+    assert hardware_line(info).endswith('allocator GLIBC_TUNABLES=glibc.malloc.trim_threshold=1073741824')
+
+
 def test_markdown_table_formats_and_aligns():
     text = markdown_table([('name', 'name'), ('ms', 'ms:'), ('x', 'x:')],
                           [dict(name='a', ms=12.345, x=None), dict(name='b', ms=0.01234, x=3)])
@@ -132,6 +152,19 @@ def test_attention_benchmark_rows_and_summary():
     summary = summarise(rows)
     assert 'hard fwd+bwd: t(8^2) / t(4^2)' in summary
     assert summary['hard fwd at 8^2: speed-up over hard-torch'] > 0
+
+
+def test_attention_call_makes_the_output_gradient_once(monkeypatch):
+    made = []
+    real_ones_like = torch.ones_like
+    monkeypatch.setattr(torch, 'ones_like', lambda t: made.append(t.shape) or real_ones_like(t))
+    q, k, v = (torch.randn(1, 2, 16, 8, requires_grad=True) for _ in range(3))
+    calls = []
+    fn = lambda *args: calls.append(1) or path_fn('hard-torch', (4, 4), 3)(*args)  # noqa: E731
+    run = _call(fn, [q, k, v, None], backward=True)
+    for _ in range(3):
+        run()
+    assert len(calls) == 3 and made == [torch.Size([1, 2, 16, 8])]
 
 
 def test_attention_tool_writes_json_with_command_and_hardware(tmp_path):

@@ -44,13 +44,21 @@ def path_fn(path: str, hw: tuple[int, int], mask_size: int) -> Callable:
 
 
 def _call(fn: Callable, inputs: Sequence[torch.Tensor], backward: bool) -> Callable[[], None]:
+    """One timed call: the forward, and with ``backward`` the gradients of q, k and v.
+
+    The output gradient is an input of the backward, like q, k and v are of the forward: it is made
+    once, on the first call, in the output's layout, and reused, so that no call times its creation.
+    """
     q, k, v, alpha = inputs
+    grad_out: list[torch.Tensor] = []
 
     def run() -> None:
         with torch.set_grad_enabled(backward):
             out = fn(q, k, v, alpha)
             if backward:
-                torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+                if not grad_out:
+                    grad_out.append(torch.ones_like(out))
+                torch.autograd.grad(out, (q, k, v), grad_out[0])
     return run
 
 

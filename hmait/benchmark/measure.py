@@ -8,7 +8,9 @@
   allocator's statistics; on CPU from torch's memory profiler (each allocation and free in time
   order). The resident set size is no measure of this: freed blocks stay resident in malloc's
   pools. Weights and anything else alive before the call are not counted.
-* :func:`hardware_record`: the one hardware record: CPU, cores, threads, GPU, library versions.
+* :func:`hardware_record`: the one hardware record: CPU, cores, threads, GPU, library versions,
+  and the memory allocator's settings (CPU timings of large tensors depend on them, see
+  :data:`ALLOCATOR_VARIABLES`).
 * :func:`markdown_table` and :func:`record`: the one table writer and the JSON payload head
   (command, date, hardware) that every benchmark writes.
 """
@@ -26,6 +28,13 @@ import torch
 
 #: Errors that end one benchmarked callable without ending the whole run.
 RUN_ERRORS = (RuntimeError, ValueError, ImportError, torch.OutOfMemoryError)
+
+#: Environment variables that change how CPU memory is allocated. With glibc's defaults, every
+#: block above 32 MiB is mapped afresh and its pages fault in on first write, which can cost more
+#: than the arithmetic on it; a preloaded allocator (jemalloc, tcmalloc) or glibc tunables change
+#: that. The hardware record keeps those that are set, so a figure says which allocator it had.
+ALLOCATOR_VARIABLES = ('LD_PRELOAD', 'GLIBC_TUNABLES', 'MALLOC_ARENA_MAX', 'MALLOC_MMAP_THRESHOLD_',
+                       'MALLOC_TRIM_THRESHOLD_', 'MALLOC_CONF', 'TCMALLOC_RELEASE_RATE', 'THP_MEM_ALLOC_ENABLE')
 
 
 def sync(device: torch.device) -> None:
@@ -130,7 +139,9 @@ def hardware_record(device: torch.device | str = 'cpu') -> dict:
                     cpu = line.split(':', 1)[1].strip()
                     break
     info = dict(cpu=cpu, cpu_cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                python=platform.python_version(), platform=platform.platform(), torch=torch.__version__)
+                python=platform.python_version(), platform=platform.platform(), torch=torch.__version__,
+                libc=' '.join(platform.libc_ver()).strip() or 'unknown',
+                allocator={name: os.environ[name] for name in ALLOCATOR_VARIABLES if os.environ.get(name)} or 'default')
     with contextlib.suppress(AttributeError, OSError):
         info['cpu_cores_available'] = len(os.sched_getaffinity(0))
     with contextlib.suppress(ImportError):
@@ -150,10 +161,13 @@ def hardware_record(device: torch.device | str = 'cpu') -> dict:
 
 
 def hardware_line(info: Mapping) -> str:
-    """One line for a table caption: GPU or CPU, cores, threads and versions."""
+    """One line for a table caption: GPU or CPU, cores, threads, versions, and the allocator's
+    settings where any are set."""
     where = info.get('gpu') or info['cpu']
+    allocator = info.get('allocator', 'default')
     return (f"{where} ({info['cpu_cores']} CPU cores, {info['torch_threads']} torch threads), "
-            f"torch {info['torch']}" + (f", timm {info['timm']}" if 'timm' in info else ''))
+            f"torch {info['torch']}" + (f", timm {info['timm']}" if 'timm' in info else '')
+            + ('' if allocator == 'default' else ', allocator ' + ' '.join(f'{k}={v}' for k, v in allocator.items())))
 
 
 def record(device: torch.device | str, argv: Sequence[str] | None = None, **payload) -> dict:
