@@ -22,6 +22,7 @@ from hmait.ops.cpu_kernel import (
     kernel_isa,
     masked_attention_bnhd,
     masked_attention_cpu,
+    masked_attention_qkv_cpu,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,6 +102,30 @@ def test_interior_fast_path_matches_dense_reference(mode, hw, head_dim, dtype):
     got = _kernel(q, k, v, hw, 3, mode, 0, grad_out)
     want = _reference(q, k, v, hw, 3, mode, 0, grad_out)
     _assert_matches(got, want, dtype, f'fast path {mode} {hw} d={head_dim} {dtype}')
+
+
+@pytest.mark.parametrize('dtype', DTYPES, ids=str)
+@pytest.mark.parametrize('hw,prefix,mask_size,head_dim', [((7, 9), 0, 3, 32), ((5, 3), 2, 3, 8), ((4, 4), 1, 5, 16),
+                                                          ((1, 7), 0, 3, 64)], ids=str)
+@pytest.mark.parametrize('mode', ['hard', 'strict'])
+def test_packed_qkv_matches_dense_reference(mode, hw, prefix, mask_size, head_dim, dtype):
+    # The packed op reads q, k, v from a head slice of a (B, N, 3, heads, d) projection and writes the
+    # gradient of the whole slice in one piece; both the fast path (d 32 and 64, no prefix) and the
+    # general one are covered.
+    gen = torch.Generator().manual_seed(zlib.crc32(f'packed {mode} {hw} {prefix} {mask_size} {head_dim}'.encode()))
+    b, heads, masked = 2, 5, 3
+    n = prefix + hw[0] * hw[1]
+    projection = _random((b, n, 3, heads, head_dim), dtype, gen).requires_grad_()
+    qkv = projection[:, :, :, :masked]  # the masked heads of a mixed stage: a strided slice
+    grad_out = _random((b, n, masked, head_dim), dtype, gen)
+    out = masked_attention_qkv_cpu(qkv, hw, mask_size, mode, prefix)
+    assert out.shape == (b, n, masked, head_dim) and out.is_contiguous()
+    (grad_projection,) = torch.autograd.grad(out, projection, grad_out)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    want = _reference(q, k, v, hw, mask_size, mode, prefix, grad_out.transpose(1, 2))
+    grads = [grad_projection[:, :, i, :masked].transpose(1, 2) for i in range(3)]
+    _assert_matches((out.transpose(1, 2), grads), want, dtype, f'packed {mode} {hw} prefix={prefix} {dtype}')
+    assert grad_projection[:, :, :, masked:].abs().max() == 0  # the other heads get nothing from here
 
 
 def test_hard_and_strict_differ():
@@ -284,7 +309,20 @@ def test_opcheck():
                           (grad_out, q.detach(), k.detach(), v.detach(), out.detach(), lse, 3, 4, 1, 3, False, 0.35))
 
 
+def test_opcheck_packed_qkv():
+    gen = torch.Generator().manual_seed(10)
+    qkv = _random((1, 13, 3, 2, 8), torch.float32, gen).requires_grad_()
+    torch.library.opcheck(torch.ops.hmait.masked_attention_cpu_qkv_fwd.default, (qkv, 3, 4, 1, 3, True, 0.35))
+    out, lse = torch.ops.hmait.masked_attention_cpu_qkv_fwd(qkv, 3, 4, 1, 3, False, 0.35)
+    torch.library.opcheck(torch.ops.hmait.masked_attention_cpu_qkv_bwd.default,
+                          (torch.randn_like(out), qkv.detach(), out.detach(), lse, 3, 4, 1, 3, False, 0.35))
+
+
 def test_argument_errors():
+    with pytest.raises(ValueError, match=r'qkv must have shape \(B, N, 3, heads, d\), got shape \(1, 10, 2, 2, 8\)'):
+        masked_attention_qkv_cpu(torch.randn(1, 10, 2, 2, 8), (3, 3), 3, 'hard', 1)
+    with pytest.raises(RuntimeError, match=r'qkv must have shape \(B, N, 3, heads, d\)'):
+        torch.ops.hmait.masked_attention_cpu_qkv_fwd(torch.randn(1, 10, 4, 8), 3, 3, 1, 3, True, 0.3)
     q = torch.randn(1, 2, 10, 8)
     with pytest.raises(ValueError, match='mode'):
         masked_attention_cpu(q, q, q, (3, 3), 3, 'soft', 1)
@@ -408,6 +446,10 @@ def test_attention_backward_assembles_the_qkv_gradient_without_zero_filled_copie
     # Slicing q, k and v apart would show up as slice_backward (a zero-filled full-size gradient each).
     assert 'slice_backward' not in names and 'zeros' not in names, names
     assert names.count('cat') == (1 if 0 < masked < 4 else 0), names
+    # The kernel writes the masked heads' packed gradient itself; only the global heads' q, k, v
+    # gradients are stacked.
+    assert names.count('stack') == (1 if masked < 4 else 0), names
+    assert any('masked_attention_cpu_qkv_bwd' in name for name in ops.names) == (masked > 0), ops.names
 
     # Output and gradient match the heads computed one by one, the masked ones by the portable path.
     grad_kernel, x.grad = x.grad, None

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, LayerScale, Mlp, register_notrace_function
 from torch.utils.checkpoint import checkpoint
 
-from ..ops import dense_attention_map, masked_attention
+from ..ops import dense_attention_map, masked_attention_qkv
 from ..ops.checks import check_mask_size, check_masked_heads, check_mode, check_positive_int
 
 
@@ -17,10 +17,10 @@ from ..ops.checks import check_mask_size, check_masked_heads, check_mode, check_
 @torch.fx.wrap
 @register_notrace_function
 @torch.jit.ignore  # TorchScript (deprecated in torch) calls it in Python; torch.compile and torch.export trace it
-def _masked_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw: tuple[int, int], mask_size: int,
-                  mode: str, alpha: torch.Tensor | None, num_prefix_tokens: int, scale: float) -> torch.Tensor:
-    """:func:`hmait.ops.masked_attention` of the masked heads, ``(B, m, N, d)`` -> ``(B, m, N, d)``."""
-    return masked_attention(q, k, v, hw, mask_size, mode, alpha, num_prefix_tokens, scale)
+def _masked_heads(qkv: torch.Tensor, hw: tuple[int, int], mask_size: int, mode: str, alpha: torch.Tensor | None,
+                  num_prefix_tokens: int, scale: float) -> torch.Tensor:
+    """:func:`hmait.ops.masked_attention_qkv` of the masked heads, ``(B, N, 3, m, d)`` -> ``(B, N, m, d)``."""
+    return masked_attention_qkv(qkv, hw, mask_size, mode, alpha, num_prefix_tokens, scale)
 
 
 class MaskedMultiheadAttention(nn.Module):
@@ -105,14 +105,14 @@ class MaskedMultiheadAttention(nn.Module):
             parts = qkv.split([m, self.num_heads - m], dim=3)
             masked, glob = parts[0], parts[1]
         # Each head group's output goes to the token-major (B, N, heads, d) layout that proj reads.
-        # The compiled CPU kernel writes that layout itself, so a fully masked stage copies nothing
-        # here; a mixed stage pays one copy, in the cat.
+        # The compiled CPU kernel reads the packed masked heads and writes that layout itself (and, in
+        # backward, their packed gradient), so a fully masked stage copies nothing here; a mixed stage
+        # pays one copy, in the cat.
         outs = []
         if masked is not None:
             alpha = None if self.soft_mask_logit is None else torch.sigmoid(self.soft_mask_logit)
-            q, k, v = self._heads(masked)
-            outs.append(_masked_heads(q, k, v, hw, self.mask_size, self.mode, alpha, self.num_prefix_tokens,
-                                      self.scale).transpose(1, 2))
+            outs.append(_masked_heads(masked, hw, self.mask_size, self.mode, alpha, self.num_prefix_tokens,
+                                      self.scale))
         if glob is not None:
             q, k, v = self._heads(glob)
             outs.append(F.scaled_dot_product_attention(

@@ -4,7 +4,9 @@ from .masked_attention import (
     dense_attention_map,
     dense_masked_attention,
     masked_attention,
+    masked_attention_qkv,
     neighbourhood_mask,
 )
 
-__all__ = ['MODES', 'dense_attention_map', 'dense_masked_attention', 'masked_attention', 'neighbourhood_mask']
+__all__ = ['MODES', 'dense_attention_map', 'dense_masked_attention', 'masked_attention', 'masked_attention_qkv',
+           'neighbourhood_mask']

@@ -11,6 +11,10 @@ The kernels register two torch custom ops, opaque to ``torch.compile``:
 * ``hmait::masked_attention_cpu_fwd(q, k, v, h, w, num_prefix, mask_size, hard, scale) -> (out, lse)``
 * ``hmait::masked_attention_cpu_bwd(grad_out, q, k, v, out, lse, h, w, num_prefix, mask_size, hard,
   scale) -> (grad_q, grad_k, grad_v)``
+* ``hmait::masked_attention_cpu_qkv_fwd(qkv, h, w, num_prefix, mask_size, hard, scale) -> (out, lse)`` and
+  ``hmait::masked_attention_cpu_qkv_bwd(grad_out, qkv, out, lse, ...) -> grad_qkv``: the same on the
+  packed ``(B, N, 3, heads, d)`` projection, whose gradient the kernel writes in one piece (separate
+  q, k, v views would have autograd stack three gradients into it, a full copy).
 
 Layout contract: q, k ``(B, N, heads, d)`` and v ``(B, N, heads, d_v)`` with any strides (the channel
 dimension should be contiguous, else it is copied), e.g. views of the qkv projection output reshaped
@@ -20,8 +24,9 @@ to ``(B, N, 3, heads, d)``. ``out`` is a new contiguous ``(B, N, heads, d_v)`` t
 float64) whatever the input dtype; q, k, v are read in their own dtype. Semantics are exactly those
 of :func:`hmait.ops.masked_attention` for modes 'hard' and 'strict', prefix queries included.
 
-:func:`masked_attention_bnhd` (token-major layout) and :func:`masked_attention_cpu` (the
-``(B, heads, N, d)`` layout of :func:`hmait.ops.masked_attention`) are differentiable wrappers.
+:func:`masked_attention_bnhd` (token-major layout), :func:`masked_attention_qkv_cpu` (packed) and
+:func:`masked_attention_cpu` (the ``(B, heads, N, d)`` layout of :func:`hmait.ops.masked_attention`)
+are differentiable wrappers.
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ import torch
 from .checks import check_grid, check_int, check_mask_size
 
 __all__ = ['build', 'cpu_kernel_status', 'decided_status', 'extension_dir', 'is_available', 'is_built', 'kernel_isa',
-           'masked_attention_bnhd', 'masked_attention_cpu']
+           'masked_attention_bnhd', 'masked_attention_cpu', 'masked_attention_qkv_cpu']
 
 _EXTENSION_NAME = 'hmait_masked_attention_cpu'
 _CSRC = Path(__file__).resolve().parent / 'csrc'
@@ -95,6 +100,10 @@ def _register_python_parts() -> None:
     torch.library.register_fake('hmait::masked_attention_cpu_fwd', _fwd_fake)
     torch.library.register_fake('hmait::masked_attention_cpu_bwd', _bwd_fake)
     torch.library.register_autograd('hmait::masked_attention_cpu_fwd', _backward, setup_context=_setup_context)
+    torch.library.register_fake('hmait::masked_attention_cpu_qkv_fwd', _qkv_fwd_fake)
+    torch.library.register_fake('hmait::masked_attention_cpu_qkv_bwd', _qkv_bwd_fake)
+    torch.library.register_autograd('hmait::masked_attention_cpu_qkv_fwd', _qkv_backward,
+                                    setup_context=_qkv_setup_context)
 
 
 def _load(verbose: bool) -> tuple[bool, str]:
@@ -183,14 +192,25 @@ def _bwd_fake(grad_out, q, k, v, out, lse, h, w, num_prefix, mask_size, hard, sc
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, h, w, num_prefix, mask_size, hard, scale = inputs
+def _qkv_fwd_fake(qkv, h, w, num_prefix, mask_size, hard, scale):
+    return _fwd_fake(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], h, w, num_prefix, mask_size, hard, scale)
+
+
+def _qkv_bwd_fake(grad_out, qkv, out, lse, h, w, num_prefix, mask_size, hard, scale):
+    return qkv.new_empty(qkv.shape)
+
+
+def _save(ctx, tensors, config, output):
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.config = (h, w, num_prefix, mask_size, hard, scale)
+    ctx.save_for_backward(*tensors, out, lse)
+    ctx.config = config
     ctx.mark_non_differentiable(lse)
     # lse never gets a gradient: without this, autograd would fill a zero tensor for it every backward.
     ctx.set_materialize_grads(False)
+
+
+def _setup_context(ctx, inputs, output):
+    _save(ctx, inputs[:3], inputs[3:], output)
 
 
 def _backward(ctx, grad_out, _grad_lse):
@@ -199,6 +219,18 @@ def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
     grad_q, grad_k, grad_v = torch.ops.hmait.masked_attention_cpu_bwd(grad_out, q, k, v, out, lse, *ctx.config)
     return grad_q, grad_k, grad_v, None, None, None, None, None, None
+
+
+def _qkv_setup_context(ctx, inputs, output):
+    _save(ctx, inputs[:1], inputs[1:], output)
+
+
+def _qkv_backward(ctx, grad_out, _grad_lse):
+    if grad_out is None:
+        return (None,) * 7
+    qkv, out, lse = ctx.saved_tensors
+    grad_qkv = torch.ops.hmait.masked_attention_cpu_qkv_bwd(grad_out, qkv, out, lse, *ctx.config)
+    return grad_qkv, None, None, None, None, None, None
 
 
 # ---- wrappers ----
@@ -228,6 +260,24 @@ def masked_attention_bnhd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw,
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     out, _ = torch.ops.hmait.masked_attention_cpu_fwd(q, k, v, h, w, num_prefix_tokens, mask_size, mode == 'hard',
                                                       scale)
+    return out
+
+
+def masked_attention_qkv_cpu(qkv: torch.Tensor, hw, mask_size: int = 3, mode: str = 'hard',
+                             num_prefix_tokens: int = 0, scale: float | None = None) -> torch.Tensor:
+    """:func:`masked_attention_bnhd` on the packed projection, differentiable in qkv.
+
+    qkv ``(B, N, 3, heads, d)``, e.g. ``qkv_linear(x).reshape(B, N, 3, heads, d)`` or a head slice of
+    it, -> a new contiguous ``(B, N, heads, d)`` tensor. Its backward writes the gradient of qkv in one
+    piece, where separate q, k, v would have their three gradients stacked into it afterwards.
+    """
+    h, w = _check_call(qkv, hw, mask_size, mode, num_prefix_tokens)
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f'qkv must have shape (B, N, 3, heads, d), got shape {tuple(qkv.shape)}')
+    _require()
+    scale = qkv.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, _ = torch.ops.hmait.masked_attention_cpu_qkv_fwd(qkv, h, w, num_prefix_tokens, mask_size, mode == 'hard',
+                                                          scale)
     return out
 
 

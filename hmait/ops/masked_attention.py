@@ -346,3 +346,28 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw, mask
     if mode == 'soft':
         return _soft_chunked(q, k, v, h, w, mask_size, alpha, num_prefix_tokens, scale)
     return _local_grid_attention(q, k, v, h, w, mask_size, mode, num_prefix_tokens, scale)
+
+
+def masked_attention_qkv(qkv: torch.Tensor, hw, mask_size: int = 3, mode: str = 'hard',
+                         alpha: torch.Tensor | None = None, num_prefix_tokens: int = 0, scale: float | None = None,
+                         backend: str = 'auto') -> torch.Tensor:
+    """:func:`masked_attention` on a packed qkv projection, in the token-major layout.
+
+    qkv ``(B, N, 3, heads, d)`` (e.g. ``qkv_linear(x).reshape(B, N, 3, heads, d)`` or a slice of its
+    heads) -> ``(B, N, heads, d)``, so that ``out.reshape(B, N, heads * d)`` is the input of the
+    output projection. Arguments and backends are those of :func:`masked_attention`. The compiled CPU
+    kernel takes qkv as it is and writes its gradient in one piece; the other backends run on q, k, v
+    views of it.
+    """
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
+        shape = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
+        raise ValueError(f'qkv must have shape (B, N, 3, heads, d), got {shape}')
+    parts = qkv.unbind(2)
+    q, k, v = parts[0].transpose(1, 2), parts[1].transpose(1, 2), parts[2].transpose(1, 2)
+    h, w = _validate(q, k, v, hw, mask_size, mode, alpha, num_prefix_tokens)
+    chosen = _choose_backend(q, v.shape[-1], mode, backend)
+    if chosen == 'cpu':
+        from .cpu_kernel import masked_attention_qkv_cpu
+        return masked_attention_qkv_cpu(qkv, (h, w), mask_size, mode, num_prefix_tokens, scale)
+    return masked_attention(q, k, v, (h, w), mask_size, mode, alpha, num_prefix_tokens, scale,
+                            backend=chosen).transpose(1, 2)

@@ -3,12 +3,16 @@
 //   hmait::masked_attention_cpu_fwd(q, k, v, h, w, num_prefix, mask_size, hard, scale) -> (out, lse)
 //   hmait::masked_attention_cpu_bwd(grad_out, q, k, v, out, lse, h, w, num_prefix, mask_size, hard, scale)
 //       -> (grad_q, grad_k, grad_v)
+//   hmait::masked_attention_cpu_qkv_fwd(qkv, h, w, num_prefix, mask_size, hard, scale) -> (out, lse)
+//   hmait::masked_attention_cpu_qkv_bwd(grad_out, qkv, out, lse, h, w, num_prefix, mask_size, hard, scale)
+//       -> grad_qkv
 //
 // Layout: q, k are (B, N, heads, d) and v is (B, N, heads, d_v), read through their strides (only the
 // channel dimension must be contiguous, else it is made so), so they can be views of the qkv projection
 // output (B, N, 3, heads, d). out is a new contiguous (B, N, heads, d_v) tensor in the dtype of q: viewed
 // as (B, N, heads * d_v) it is what the output projection reads, without a copy. lse is (B, heads, N),
 // float32 (float64 for float64 inputs). The gradients are new contiguous tensors shaped like the inputs.
+// The qkv ops take the packed (B, N, 3, heads, d) projection instead and return its gradient in one piece.
 //
 // Work is split between threads with at::parallel_for (torch's own thread pool and thread count); the
 // compute kernels live in one translation unit per instruction set, chosen at run time from the CPU.
@@ -198,9 +202,12 @@ std::tuple<Tensor, Tensor> masked_attention_cpu_fwd(const Tensor& q_in, const Te
   return {out, lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor> masked_attention_cpu_bwd(
-    const Tensor& grad_out_in, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& out_in,
-    const Tensor& lse_in, int64_t h, int64_t w, int64_t num_prefix, int64_t mask_size, bool hard, double scale) {
+// The backward, written into grad_q, grad_k, grad_v: (B, N, heads, d) tensors shaped like q, k, v with a
+// contiguous channel dimension, e.g. views of one packed gradient.
+void backward_into(const Tensor& grad_out_in, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                   const Tensor& out_in, const Tensor& lse_in, int64_t h, int64_t w, int64_t num_prefix,
+                   int64_t mask_size, bool hard, double scale, const Tensor& grad_q, const Tensor& grad_k,
+                   const Tensor& grad_v) {
   check_inputs(q_in, k_in, v_in, h, w, num_prefix, mask_size);
   const Tensor q = channels_contiguous(q_in), k = channels_contiguous(k_in), v = channels_contiguous(v_in);
   const int64_t batch = q.size(0), n = q.size(1), heads = q.size(2);
@@ -219,9 +226,6 @@ std::tuple<Tensor, Tensor, Tensor> masked_attention_cpu_bwd(
   Tensor delta = at::empty({batch, heads, n}, acc);
   Tensor outside_grad = at::empty({hard ? batch : 0, heads, v.size(3)}, acc);
   Tensor outside_prob = at::empty({hard ? batch : 0, heads, n}, acc);
-  Tensor grad_q = at::empty(q.sizes(), q.options());
-  Tensor grad_k = at::empty(k.sizes(), k.options());
-  Tensor grad_v = at::empty(v.sizes(), v.options());
 
   Args args = make_args(q, k, v, h, w, num_prefix, mask_size, hard, scale);
   args.out = view_of(out);
@@ -230,16 +234,49 @@ std::tuple<Tensor, Tensor, Tensor> masked_attention_cpu_bwd(
   args.delta = delta.data_ptr();
   args.value_sum = outside_grad.data_ptr();
   args.outside_prob = outside_prob.data_ptr();
-  args.grad_q = grad_q.data_ptr();
-  args.grad_k = grad_k.data_ptr();
-  args.grad_v = grad_v.data_ptr();
+  args.grad_q = view_of(grad_q);
+  args.grad_k = view_of(grad_k);
+  args.grad_v = view_of(grad_v);
   const KernelFn kernel = kernel_for(current_isa().load());
   run_stage(kernel, Stage::kBackwardDelta, args, batch * heads * n, 2048);
   if (hard) run_stage(kernel, Stage::kOutsideGrad, args, batch * heads, 1);
   run_stage(kernel, Stage::kBackwardGrid, args, batch * heads * h * w, std::max<int64_t>(1, grid_grain(args) / 4));
   run_stage(kernel, Stage::kBackwardPrefixQuery, args, batch * heads * num_prefix, 1);
   run_stage(kernel, Stage::kBackwardPrefixKey, args, batch * heads * num_prefix, 1);
+}
+
+std::tuple<Tensor, Tensor, Tensor> masked_attention_cpu_bwd(
+    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+    int64_t h, int64_t w, int64_t num_prefix, int64_t mask_size, bool hard, double scale) {
+  Tensor grad_q = at::empty(q.sizes(), q.options());
+  Tensor grad_k = at::empty(k.sizes(), k.options());
+  Tensor grad_v = at::empty(v.sizes(), v.options());
+  backward_into(grad_out, q, k, v, out, lse, h, w, num_prefix, mask_size, hard, scale, grad_q, grad_k, grad_v);
   return {grad_q, grad_k, grad_v};
+}
+
+// The packed layout of a qkv projection: qkv is (B, N, 3, heads, d) and q, k, v are its three slices.
+void check_packed(const Tensor& qkv) {
+  TORCH_CHECK(qkv.dim() == 5 && qkv.size(2) == 3, "masked_attention_cpu_qkv: qkv must have shape "
+              "(B, N, 3, heads, d), got ", qkv.sizes());
+}
+
+std::tuple<Tensor, Tensor> masked_attention_cpu_qkv_fwd(const Tensor& qkv, int64_t h, int64_t w, int64_t num_prefix,
+                                                        int64_t mask_size, bool hard, double scale) {
+  check_packed(qkv);
+  return masked_attention_cpu_fwd(qkv.select(2, 0), qkv.select(2, 1), qkv.select(2, 2), h, w, num_prefix,
+                                  mask_size, hard, scale);
+}
+
+// The gradient of the packed qkv, written in place by the kernel: no per-tensor gradients to stack.
+Tensor masked_attention_cpu_qkv_bwd(const Tensor& grad_out, const Tensor& qkv, const Tensor& out, const Tensor& lse,
+                                    int64_t h, int64_t w, int64_t num_prefix, int64_t mask_size, bool hard,
+                                    double scale) {
+  check_packed(qkv);
+  Tensor grad_qkv = at::empty(qkv.sizes(), qkv.options());
+  backward_into(grad_out, qkv.select(2, 0), qkv.select(2, 1), qkv.select(2, 2), out, lse, h, w, num_prefix,
+                mask_size, hard, scale, grad_qkv.select(2, 0), grad_qkv.select(2, 1), grad_qkv.select(2, 2));
+  return grad_qkv;
 }
 
 }  // namespace
@@ -253,10 +290,18 @@ TORCH_LIBRARY_FRAGMENT(hmait, m) {
   m.def("masked_attention_cpu_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, int h, "
         "int w, int num_prefix, int mask_size, bool hard, float scale) -> (Tensor, Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
+  m.def("masked_attention_cpu_qkv_fwd(Tensor qkv, int h, int w, int num_prefix, int mask_size, bool hard, "
+        "float scale) -> (Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
+  m.def("masked_attention_cpu_qkv_bwd(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int h, int w, "
+        "int num_prefix, int mask_size, bool hard, float scale) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
   m.def("masked_attention_cpu_isa(str requested='') -> str", &hmait_cpu::select_isa);
 }
 
 TORCH_LIBRARY_IMPL(hmait, CPU, m) {
   m.impl("masked_attention_cpu_fwd", &hmait_cpu::masked_attention_cpu_fwd);
   m.impl("masked_attention_cpu_bwd", &hmait_cpu::masked_attention_cpu_bwd);
+  m.impl("masked_attention_cpu_qkv_fwd", &hmait_cpu::masked_attention_cpu_qkv_fwd);
+  m.impl("masked_attention_cpu_qkv_bwd", &hmait_cpu::masked_attention_cpu_qkv_bwd);
 }

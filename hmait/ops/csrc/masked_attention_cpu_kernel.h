@@ -38,9 +38,8 @@ struct Args {
                               // gradient of the grid values, computed; (B, heads, value_dim), accumulation type
   void* outside_prob = nullptr;  // backward (hard): (B, heads, N) accumulation type, exp(-lse_i) where query i
                                  // has non-neighbours, else 0
-  void* grad_q = nullptr;     // backward: contiguous (B, N, heads, head_dim) in the input dtype
-  void* grad_k = nullptr;
-  void* grad_v = nullptr;     // contiguous (B, N, heads, value_dim)
+  View grad_q, grad_k;  // backward: written, (B, N, heads, head_dim) in the input dtype, e.g. views of one
+  View grad_v;          // packed (B, N, 3, heads, d) gradient; grad_v is (B, N, heads, value_dim)
 };
 
 // The stages of forward and backward. Each runs over a range of independent work items, so the

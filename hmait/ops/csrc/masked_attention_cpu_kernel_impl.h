@@ -388,6 +388,11 @@ struct MaskedKernel {
     return static_cast<const S*>(view.data) + b * view.stride_b + token * view.stride_n + head * view.stride_h;
   }
 
+  // Row (b, token, head) of a tensor the stage writes (an output or a gradient).
+  S* at_mut(const View& view, int64_t b, int64_t token, int64_t head) const {
+    return const_cast<S*>(at(view, b, token, head));
+  }
+
   // Offset of (b, token, head) in a contiguous (B, N, heads, channels) output.
   int64_t out_offset(int64_t b, int64_t token, int64_t head, int64_t channels) const {
     return ((b * N + token) * heads + head) * channels;
@@ -628,8 +633,7 @@ struct MaskedKernel {
   // Backward of one interior grid position g: grad_q of query g and grad_k, grad_v of key g, as in
   // backward_grid, with the 36 dot products of the box reduced nine at a time.
   // offsets: the box offsets in q, k, v, grad_out and in tokens (box_offsets).
-  HMAIT_INLINE void backward_interior(const Cursor& c, const int64_t (*offsets)[kBox], A* buffer, S* dq_out,
-                                      S* dk_out, S* dv_out) const {
+  HMAIT_INLINE void backward_interior(const Cursor& c, const int64_t (*offsets)[kBox], A* buffer) const {
     constexpr int64_t nv = kHasFastPath ? D / lanes : 1;
     const int64_t* q_offsets = offsets[0];
     const int64_t* k_offsets = offsets[1];
@@ -659,7 +663,7 @@ struct MaskedKernel {
       store_vector(ds + i * lanes, exp_lanes(part[i] * scale - lse_g) * (part2[i] - delta_g));
     for (int64_t t = 0; t < nv; ++t) acc[t] = V{};
     box_axpy(acc, ds, key, k_offsets);
-    store_row(dq_out + out_offset(b, g, head, D), acc, scale);
+    store_row(at_mut(a.grad_q, b, g, head), acc, scale);
 
     // grad_k, grad_v of key g over the queries i of its box: p_ig = exp(scale q_i . k_g - lse_i).
     for (int64_t j = 0; j < kBox; ++j) {
@@ -679,7 +683,7 @@ struct MaskedKernel {
     }
     for (int64_t t = 0; t < nv; ++t) acc[t] = V{};
     box_axpy(acc, ds, query, q_offsets);
-    store_row(dk_out + out_offset(b, g, head, D), acc, scale);
+    store_row(at_mut(a.grad_k, b, g, head), acc, scale);
     if (hard) {
       const A* shared = value_sum() + bh * D;
       for (int64_t t = 0; t < nv; ++t) acc[t] = load_vector<V>(shared + t * lanes);
@@ -687,7 +691,7 @@ struct MaskedKernel {
       for (int64_t t = 0; t < nv; ++t) acc[t] = V{};
     }
     box_axpy(acc, weight_v, go, go_offsets);
-    store_row(dv_out + out_offset(b, g, head, D), acc, A(1));
+    store_row(at_mut(a.grad_v, b, g, head), acc, A(1));
   }
 
   void forward_grid(int64_t begin, int64_t end) const {
@@ -811,9 +815,6 @@ struct MaskedKernel {
     const int64_t neighbours = P + (2 * radius + 1) * (2 * radius + 1);
     std::vector<A> prob(padded(neighbours)), lse_of(neighbours), delta_of(neighbours), outside_of(neighbours);
     std::vector<int64_t> token_of(neighbours);
-    S* dq_out = static_cast<S*>(a.grad_q);
-    S* dk_out = static_cast<S*>(a.grad_k);
-    S* dv_out = static_cast<S*>(a.grad_v);
     const bool fast = fast_path_applies();
     int64_t box_of[5][kBox];
     box_offsets(a.q, box_of[0]);
@@ -828,7 +829,7 @@ struct MaskedKernel {
     for (int64_t item = begin; item < end; ++item, advance(cursor)) {
       if constexpr (kHasFastPath) {
         if (fast && interior(cursor)) {
-          backward_interior(cursor, box_of, fast_buffer, dq_out, dk_out, dv_out);
+          backward_interior(cursor, box_of, fast_buffer);
           continue;
         }
       }
@@ -864,7 +865,7 @@ struct MaskedKernel {
         const A ds = prob[t] * (dot(grad_out.data(), at(a.v, b, token_of[t], head), dv()) - delta_i);
         axpy(grad_q.data(), ds, at(a.k, b, token_of[t], head), d());
       }
-      store(dq_out + out_offset(b, P + g, head, d()), grad_q.data(), scale, d());
+      store(at_mut(a.grad_q, b, P + g, head), grad_q.data(), scale, d());
 
       // grad_k, grad_v of grid key g, gathered over the queries that see it.
       load(k.data(), at(a.k, b, P + g, head), d());
@@ -891,15 +892,14 @@ struct MaskedKernel {
         axpy(grad_k.data(), ds, at(a.q, b, token_of[t], head), d());
         axpy(grad_v.data(), prob[t] - outside_of[t], go, dv());
       }
-      store(dk_out + out_offset(b, P + g, head, d()), grad_k.data(), scale, d());
-      store(dv_out + out_offset(b, P + g, head, dv()), grad_v.data(), A(1), dv());
+      store(at_mut(a.grad_k, b, P + g, head), grad_k.data(), scale, d());
+      store(at_mut(a.grad_v, b, P + g, head), grad_v.data(), A(1), dv());
     }
   }
 
   // grad_q of prefix query p, which attends to every token.
   void backward_prefix_query(int64_t begin, int64_t end) const {
     Row<A, D> q(d()), grad_out(dv()), grad_q(d());
-    S* dq_out = static_cast<S*>(a.grad_q);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / P, p = item % P, b = bh / heads, head = bh % heads;
       load(q.data(), at(a.q, b, p, head), d());
@@ -911,15 +911,13 @@ struct MaskedKernel {
         const A prob = exp_acc(scale * dot(q.data(), key, d()) - lse_p);
         axpy(grad_q.data(), prob * (dot(grad_out.data(), at(a.v, b, j, head), dv()) - delta_p), key, d());
       }
-      store(dq_out + out_offset(b, p, head, d()), grad_q.data(), scale, d());
+      store(at_mut(a.grad_q, b, p, head), grad_q.data(), scale, d());
     }
   }
 
   // grad_k, grad_v of prefix key p, which every query sees.
   void backward_prefix_key(int64_t begin, int64_t end) const {
     Row<A, D> k(d()), v(dv()), grad_k(d()), grad_v(dv());
-    S* dk_out = static_cast<S*>(a.grad_k);
-    S* dv_out = static_cast<S*>(a.grad_v);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / P, p = item % P, b = bh / heads, head = bh % heads;
       load(k.data(), at(a.k, b, p, head), d());
@@ -935,8 +933,8 @@ struct MaskedKernel {
         axpy(grad_k.data(), prob * (dot(v.data(), go, dv()) - delta_bh[i]), query, d());
         axpy(grad_v.data(), prob, go, dv());
       }
-      store(dk_out + out_offset(b, p, head, d()), grad_k.data(), scale, d());
-      store(dv_out + out_offset(b, p, head, dv()), grad_v.data(), A(1), dv());
+      store(at_mut(a.grad_k, b, p, head), grad_k.data(), scale, d());
+      store(at_mut(a.grad_v, b, p, head), grad_v.data(), A(1), dv());
     }
   }
 
