@@ -400,6 +400,33 @@ def test_auto_selects_the_kernel_on_cpu_and_torch_forces_the_fallback(mode):
                                                            backend='cpu'), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize('mode', ['hard', 'strict', 'soft'])
+def test_packed_entry_point_matches_every_backend(mode):
+    from hmait.ops import masked_attention_qkv
+
+    gen = torch.Generator().manual_seed(11)
+    qkv = torch.randn(2, 31, 3, 3, 16, generator=gen, requires_grad=True)
+    alpha = torch.full((3,), 0.4) if mode == 'soft' else None
+    grad_out = torch.randn(2, 31, 3, 16, generator=gen)
+    results = {}
+    for backend in ('auto', 'torch'):
+        with _OpNames() as ops:
+            out = masked_attention_qkv(qkv, (5, 6), 3, mode, alpha, num_prefix_tokens=1, backend=backend)
+        (grad,) = torch.autograd.grad(out, qkv, grad_out)
+        results[backend] = out, grad
+        uses_kernel = any('masked_attention_cpu_qkv_fwd' in name for name in ops.names)
+        assert uses_kernel == (backend == 'auto' and mode != 'soft'), (backend, mode)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    ref = torch_masked_attention(q, k, v, (5, 6), 3, mode, alpha, num_prefix_tokens=1, backend='torch')
+    torch.testing.assert_close(results['torch'][0], ref.transpose(1, 2))
+    torch.testing.assert_close(results['auto'][0], results['torch'][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results['auto'][1], results['torch'][1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r'qkv must have shape \(B, N, 3, heads, d\), got \(2, 31, 9, 16\)'):
+        masked_attention_qkv(qkv.reshape(2, 31, 9, 16), (5, 6), 3, mode, alpha, num_prefix_tokens=1)
+    with pytest.raises(ValueError, match='token count N=31'):
+        masked_attention_qkv(qkv, (5, 6), 3, mode, alpha)
+
+
 def test_soft_mode_and_export_keep_the_portable_path():
     from hmait.models import MaskedAttentionBlock
 

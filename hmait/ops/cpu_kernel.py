@@ -6,7 +6,7 @@ the set-up script can run) with ``torch.utils.cpp_extension.load`` into a cache 
 Later processes reuse the built library. ``import hmait`` never imports this module, so importing
 the package never needs a compiler.
 
-The kernels register two torch custom ops, opaque to ``torch.compile``:
+The kernels register torch custom ops, opaque to ``torch.compile``:
 
 * ``hmait::masked_attention_cpu_fwd(q, k, v, h, w, num_prefix, mask_size, hard, scale) -> (out, lse)``
 * ``hmait::masked_attention_cpu_bwd(grad_out, q, k, v, out, lse, h, w, num_prefix, mask_size, hard,

@@ -13,7 +13,8 @@ namespace hmait_cpu {
 
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
 
-// A (B, N, heads, C) tensor read through its strides (in elements); the last dimension is contiguous.
+// A (B, N, heads, C) tensor read or written through its strides (in elements); the last dimension is
+// contiguous.
 struct View {
   const void* data = nullptr;
   int64_t stride_b = 0;
