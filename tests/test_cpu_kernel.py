@@ -24,6 +24,7 @@ from hmait.ops.cpu_kernel import (
     masked_attention_cpu,
     masked_attention_qkv_cpu,
 )
+from hmait.ops.masked_attention import qkv_heads
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -421,7 +422,7 @@ def test_packed_entry_point_matches_every_backend(mode):
     torch.testing.assert_close(results['torch'][0], ref.transpose(1, 2))
     torch.testing.assert_close(results['auto'][0], results['torch'][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(results['auto'][1], results['torch'][1], atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match=r'qkv must have shape \(B, N, 3, heads, d\), got \(2, 31, 9, 16\)'):
+    with pytest.raises(ValueError, match=r'qkv must have shape \(B, N, 3, heads, d\), got shape \(2, 31, 9, 16\)'):
         masked_attention_qkv(qkv.reshape(2, 31, 9, 16), (5, 6), 3, mode, alpha, num_prefix_tokens=1)
     with pytest.raises(ValueError, match='token count N=31'):
         masked_attention_qkv(qkv, (5, 6), 3, mode, alpha)
@@ -453,7 +454,7 @@ def test_fully_masked_stage_writes_the_projection_input_without_a_copy():
     assert not any(name.split('.')[1] in ('cat', 'clone', 'copy_', '_unsafe_view') for name in ops.names
                    if name.startswith('aten.')), ops.names
     with torch.no_grad():
-        q, k, v = attn._heads(attn._qkv(x))
+        q, k, v = qkv_heads(attn._qkv(x))
         ref = attn.proj(torch_masked_attention(q, k, v, (5, 6), backend='torch').transpose(1, 2).reshape(2, 30, 48))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
@@ -480,7 +481,7 @@ def test_attention_backward_assembles_the_qkv_gradient_without_zero_filled_copie
 
     # Output and gradient match the heads computed one by one, the masked ones by the portable path.
     grad_kernel, x.grad = x.grad, None
-    q, k, v = attn._heads(attn._qkv(x))
+    q, k, v = qkv_heads(attn._qkv(x))
     heads = []
     if masked:
         heads.append(torch_masked_attention(q[:, :masked], k[:, :masked], v[:, :masked], (5, 6), backend='torch'))

@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..ops import dense_attention_map, masked_attention_qkv
 from ..ops.checks import check_mask_size, check_masked_heads, check_mode, check_positive_int
+from ..ops.masked_attention import qkv_heads
 
 
 # torch.fx records the op as one call: it checks its arguments and picks a backend in Python.
@@ -82,13 +83,6 @@ class MaskedMultiheadAttention(nn.Module):
         b, n, _ = x.shape
         return self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
 
-    @staticmethod
-    def _heads(qkv: torch.Tensor) -> list[torch.Tensor]:
-        """``(B, N, 3, heads, d)`` -> q, k, v as ``(B, heads, N, d)`` views."""
-        # Indexed rather than iterated, so that torch.fx can trace it.
-        qkv = qkv.unbind(2)
-        return [qkv[0].transpose(1, 2), qkv[1].transpose(1, 2), qkv[2].transpose(1, 2)]
-
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """x: ``(B, N, dim)``, hw: grid ``(h, w)`` -> ``(B, N, dim)``."""
         b, n, c = x.shape
@@ -114,7 +108,7 @@ class MaskedMultiheadAttention(nn.Module):
             outs.append(_masked_heads(masked, hw, self.mask_size, self.mode, alpha, self.num_prefix_tokens,
                                       self.scale))
         if glob is not None:
-            q, k, v = self._heads(glob)
+            q, k, v = qkv_heads(glob)
             outs.append(F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.attn_drop if self.training else 0., scale=self.scale).transpose(1, 2))
         x = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
@@ -124,7 +118,7 @@ class MaskedMultiheadAttention(nn.Module):
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """Dense attention maps of every head, ``(B, heads, N, N)``, for analysis on small inputs."""
-        q, k, _ = self._heads(self._qkv(x))
+        q, k, _ = qkv_heads(self._qkv(x))
         m = self.num_masked_heads
         maps = []
         if m:

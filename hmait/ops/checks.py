@@ -73,6 +73,14 @@ def check_grid(hw: Any) -> tuple[int, int]:
     return h, w
 
 
+def check_packed_qkv(qkv: Any) -> torch.Tensor:
+    """A packed qkv projection ``(B, N, 3, heads, d)``."""
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
+        shape = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
+        raise ValueError(f'qkv must have shape (B, N, 3, heads, d), got shape {shape}')
+    return qkv
+
+
 @torch.jit.ignore  # TorchScript calls the check in Python: its message formats the shape as a tuple
 def check_image(x: torch.Tensor, channels: int, name: str = 'in_channels') -> None:
     """An image batch ``(B, channels, H, W)``; ``name`` is the model's name for the channel argument."""

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from .checks import check_grid, check_int, check_mask_size
+from .checks import check_grid, check_int, check_mask_size, check_packed_qkv
 
 __all__ = ['build', 'cpu_kernel_status', 'decided_status', 'extension_dir', 'is_available', 'is_built', 'kernel_isa',
            'masked_attention_bnhd', 'masked_attention_cpu', 'masked_attention_qkv_cpu']
@@ -271,9 +271,7 @@ def masked_attention_qkv_cpu(qkv: torch.Tensor, hw, mask_size: int = 3, mode: st
     it, -> a new contiguous ``(B, N, heads, d)`` tensor. Its backward writes the gradient of qkv in one
     piece, where separate q, k, v would have their three gradients stacked into it afterwards.
     """
-    h, w = _check_call(qkv, hw, mask_size, mode, num_prefix_tokens)
-    if qkv.dim() != 5 or qkv.shape[2] != 3:
-        raise ValueError(f'qkv must have shape (B, N, 3, heads, d), got shape {tuple(qkv.shape)}')
+    h, w = _check_call(check_packed_qkv(qkv), hw, mask_size, mode, num_prefix_tokens)
     _require()
     scale = qkv.shape[-1] ** -0.5 if scale is None else float(scale)
     out, _ = torch.ops.hmait.masked_attention_cpu_qkv_fwd(qkv, h, w, num_prefix_tokens, mask_size, mode == 'hard',

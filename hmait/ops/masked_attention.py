@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .checks import check_grid, check_int, check_mask_size, check_mode
+from .checks import check_grid, check_int, check_mask_size, check_mode, check_packed_qkv
 
 BACKENDS = ('auto', 'torch', 'triton', 'cpu')
 
@@ -338,14 +338,27 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw, mask
     """
     h, w = _validate(q, k, v, hw, mask_size, mode, alpha, num_prefix_tokens)
     chosen = _choose_backend(q, v.shape[-1], mode, backend)
-    if chosen == 'triton':
+    return _run(chosen, q, k, v, h, w, mask_size, mode, alpha, num_prefix_tokens, scale)
+
+
+def _run(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, w: int, mask_size: int,
+         mode: str, alpha: torch.Tensor | None, num_prefix_tokens: int, scale: float | None) -> torch.Tensor:
+    """:func:`masked_attention` on validated arguments through the chosen backend."""
+    if backend == 'triton':
         return _triton_local_attention(q, k, v, h, w, mask_size, mode, num_prefix_tokens, scale)
-    if chosen == 'cpu':
+    if backend == 'cpu':
         from .cpu_kernel import masked_attention_cpu
         return masked_attention_cpu(q, k, v, (h, w), mask_size, mode, num_prefix_tokens, scale)
     if mode == 'soft':
         return _soft_chunked(q, k, v, h, w, mask_size, alpha, num_prefix_tokens, scale)
     return _local_grid_attention(q, k, v, h, w, mask_size, mode, num_prefix_tokens, scale)
+
+
+def qkv_heads(qkv: torch.Tensor) -> list[torch.Tensor]:
+    """A packed ``(B, N, 3, heads, d)`` projection -> q, k, v as ``(B, heads, N, d)`` views."""
+    # Indexed rather than iterated, so that torch.fx can trace it.
+    parts = qkv.unbind(2)
+    return [parts[0].transpose(1, 2), parts[1].transpose(1, 2), parts[2].transpose(1, 2)]
 
 
 def masked_attention_qkv(qkv: torch.Tensor, hw, mask_size: int = 3, mode: str = 'hard',
@@ -359,15 +372,10 @@ def masked_attention_qkv(qkv: torch.Tensor, hw, mask_size: int = 3, mode: str = 
     kernel takes qkv as it is and writes its gradient in one piece; the other backends run on q, k, v
     views of it.
     """
-    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
-        shape = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
-        raise ValueError(f'qkv must have shape (B, N, 3, heads, d), got {shape}')
-    parts = qkv.unbind(2)
-    q, k, v = parts[0].transpose(1, 2), parts[1].transpose(1, 2), parts[2].transpose(1, 2)
+    q, k, v = qkv_heads(check_packed_qkv(qkv))
     h, w = _validate(q, k, v, hw, mask_size, mode, alpha, num_prefix_tokens)
     chosen = _choose_backend(q, v.shape[-1], mode, backend)
     if chosen == 'cpu':
         from .cpu_kernel import masked_attention_qkv_cpu
         return masked_attention_qkv_cpu(qkv, (h, w), mask_size, mode, num_prefix_tokens, scale)
-    return masked_attention(q, k, v, (h, w), mask_size, mode, alpha, num_prefix_tokens, scale,
-                            backend=chosen).transpose(1, 2)
+    return _run(chosen, q, k, v, h, w, mask_size, mode, alpha, num_prefix_tokens, scale).transpose(1, 2)
