@@ -393,11 +393,6 @@ struct MaskedKernel {
     return const_cast<S*>(at(view, b, token, head));
   }
 
-  // Offset of (b, token, head) in a contiguous (B, N, heads, channels) output.
-  int64_t out_offset(int64_t b, int64_t token, int64_t head, int64_t channels) const {
-    return ((b * N + token) * heads + head) * channels;
-  }
-
   A* lse() const { return static_cast<A*>(a.lse); }
   A* delta() const { return static_cast<A*>(a.delta); }
   A* value_sum() const { return static_cast<A*>(a.value_sum); }
@@ -540,6 +535,8 @@ struct MaskedKernel {
   static constexpr bool kHasFastPath = std::is_same<A, float>::value && D > 0 && D % lanes == 0;
   static constexpr int64_t kBox = 9;
   static constexpr int64_t kBoxVectors = (kBox + lanes - 1) / lanes;
+  // Vectors per row of D channels on the fast path.
+  static constexpr int64_t kRowVectors = kHasFastPath ? D / lanes : 1;
 
   bool fast_path_applies() const { return kHasFastPath && P == 0 && a.mask_size == 3; }
 
@@ -552,8 +549,8 @@ struct MaskedKernel {
   }
 
   HMAIT_INLINE void forward_interior(const Cursor& c, const int64_t* key_offsets, const int64_t* value_offsets,
-                                     A* weight, S* out) const {
-    constexpr int64_t nv = kHasFastPath ? D / lanes : 1;
+                                     A* weight) const {
+    constexpr int64_t nv = kRowVectors;
     const int64_t b = c.b, head = c.head, bh = b * heads + head, g = c.row * w + c.col;
     prefetch_box_ahead(b, c.row, c.col, head);
     V q[nv];
@@ -591,13 +588,13 @@ struct MaskedKernel {
     }
     for (int64_t j = 0; j < kBox; ++j) weight[j] -= outside_weight;
     box_axpy(acc, weight, at(a.v, b, g, head), value_offsets);
-    store_row(out + out_offset(b, g, head, D), acc, A(1) / denom);
+    store_row(at_mut(a.out, b, g, head), acc, A(1) / denom);
     lse()[bh * N + g] = m + std::log(denom);
   }
 
   // dst = factor * the D accumulators in registers, in the storage type.
   static HMAIT_INLINE void store_row(S* dst, const V* acc, A factor) {
-    constexpr int64_t nv = kHasFastPath ? D / lanes : 1;
+    constexpr int64_t nv = kRowVectors;
     if constexpr (std::is_same<S, A>::value) {
       for (int64_t t = 0; t < nv; ++t) store_vector(dst + t * lanes, acc[t] * factor);
     } else {
@@ -610,7 +607,7 @@ struct MaskedKernel {
   // part[j] = the dot product of x (in registers) with the row at base + offsets[j], for the nine
   // tokens of the box, reduced together: the products end up in the first nine lanes of part[0..).
   static HMAIT_INLINE void box_dots(const V* x, const S* base, const int64_t* offsets, V* part) {
-    constexpr int64_t nv = kHasFastPath ? D / lanes : 1;
+    constexpr int64_t nv = kRowVectors;
     for (int64_t j = 0; j < kBox; ++j) {
       const S* y = base + offsets[j];
       V sum = x[0] * Tr::load_lanes(y);
@@ -622,7 +619,7 @@ struct MaskedKernel {
 
   // acc += sum_j weight[j] * (the row at base + offsets[j]), over the nine tokens of the box.
   static HMAIT_INLINE void box_axpy(V* acc, const A* weight, const S* base, const int64_t* offsets) {
-    constexpr int64_t nv = kHasFastPath ? D / lanes : 1;
+    constexpr int64_t nv = kRowVectors;
     for (int64_t j = 0; j < kBox; ++j) {
       const V factor = V{} + weight[j];
       const S* y = base + offsets[j];
@@ -634,7 +631,7 @@ struct MaskedKernel {
   // backward_grid, with the 36 dot products of the box reduced nine at a time.
   // offsets: the box offsets in q, k, v, grad_out and in tokens (box_offsets).
   HMAIT_INLINE void backward_interior(const Cursor& c, const int64_t (*offsets)[kBox], A* buffer) const {
-    constexpr int64_t nv = kHasFastPath ? D / lanes : 1;
+    constexpr int64_t nv = kRowVectors;
     const int64_t* q_offsets = offsets[0];
     const int64_t* k_offsets = offsets[1];
     const int64_t* v_offsets = offsets[2];
@@ -697,7 +694,6 @@ struct MaskedKernel {
   void forward_grid(int64_t begin, int64_t end) const {
     Row<A, D> q(d()), acc(dv());
     std::vector<A> weight(padded(P + (2 * radius + 1) * (2 * radius + 1)));
-    S* out = static_cast<S*>(const_cast<void*>(a.out.data));
     const bool fast = fast_path_applies();
     int64_t key_offsets[kBox], value_offsets[kBox];
     box_offsets(a.k, key_offsets);
@@ -707,7 +703,7 @@ struct MaskedKernel {
     for (int64_t item = begin; item < end; ++item, advance(cursor)) {
       if constexpr (kHasFastPath) {
         if (fast && interior(cursor)) {
-          forward_interior(cursor, key_offsets, value_offsets, fast_weight, out);
+          forward_interior(cursor, key_offsets, value_offsets, fast_weight);
           continue;
         }
       }
@@ -748,7 +744,7 @@ struct MaskedKernel {
         for (int64_t c = c0; c <= c1; ++c, value += a.v.stride_n)
           axpy(acc.data(), weight[count++] - outside_weight, value, dv());
       }
-      store(out + out_offset(b, P + g, head, dv()), acc.data(), A(1) / denom, dv());
+      store(at_mut(a.out, b, P + g, head), acc.data(), A(1) / denom, dv());
       lse()[bh * N + P + g] = m + std::log(denom);
     }
   }
@@ -756,7 +752,6 @@ struct MaskedKernel {
   void forward_prefix(int64_t begin, int64_t end) const {
     Row<A, D> q(d()), acc(dv());
     std::vector<A> weight(padded(N));
-    S* out = static_cast<S*>(const_cast<void*>(a.out.data));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / P, p = item % P, b = bh / heads, head = bh % heads;
       load(q.data(), at(a.q, b, p, head), d());
@@ -770,7 +765,7 @@ struct MaskedKernel {
       for (int64_t j = 0; j < N; ++j) denom += weight[j];
       fill(acc.data(), A(0), dv());
       for (int64_t j = 0; j < N; ++j) axpy(acc.data(), weight[j], at(a.v, b, j, head), dv());
-      store(out + out_offset(b, p, head, dv()), acc.data(), A(1) / denom, dv());
+      store(at_mut(a.out, b, p, head), acc.data(), A(1) / denom, dv());
       lse()[bh * N + p] = m + std::log(denom);
     }
   }
