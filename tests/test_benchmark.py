@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hmait.benchmark.attention import _call, benchmark_attention, path_fn, summarise
+from hmait.benchmark.attention import PATHS, _call, benchmark_attention, path_fn, summarise
 from hmait.benchmark.measure import (
     ALLOCATOR_VARIABLES,
     hardware_line,
@@ -22,6 +22,7 @@ from hmait.benchmark.measure import (
     time_alternating,
 )
 from hmait.benchmark.models import BenchmarkPlan, Measurement, Setting, default_plan, measure_setting, ratios, table
+from hmait.ops.masked_attention import qkv_heads
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -154,6 +155,30 @@ def test_attention_benchmark_rows_and_summary():
     assert summary['hard fwd at 8^2: speed-up over hard-torch'] > 0
 
 
+def test_attention_benchmark_packed_layout_runs_the_same_attention(monkeypatch):
+    """The packed layout hands every path one (B, N, 3, heads, d) qkv and gets (B, N, heads, d) back:
+    the same values as the separate layout, and its backward reaches qkv."""
+    qkv = torch.randn(2, 16, 3, 2, 8, dtype=torch.float64, requires_grad=True)
+    q, k, v = qkv_heads(qkv)
+    alpha = torch.full((2,), 0.5, dtype=torch.float64)
+    for path in PATHS:
+        packed = path_fn(path, (4, 4), 3, 'packed')(qkv, alpha)
+        separate = path_fn(path, (4, 4), 3)(q, k, v, alpha)
+        assert packed.shape == (2, 16, 2, 8), path
+        torch.testing.assert_close(packed, separate.transpose(1, 2), msg=path)
+    real_grad = torch.autograd.grad
+    differentiated = []
+    monkeypatch.setattr(torch.autograd, 'grad', lambda out, inputs, g: differentiated.append(inputs)
+                        or real_grad(out, inputs, g))
+    _call(path_fn('hard', (4, 4), 3, 'packed'), [qkv, alpha], backward=True)()
+    assert len(differentiated) == 1 and len(differentiated[0]) == 1 and differentiated[0][0] is qkv
+    monkeypatch.undo()
+    rows = benchmark_attention([4], ['hard', 'hard-torch'], repeats=1, warmup=0, layout='packed')
+    assert len(rows) == 4 and all(r['ms'] > 0 and r['peak_mib'] > 0 for r in rows)
+    with pytest.raises(ValueError, match="layout must be one of .*, got 'bnhd'"):
+        benchmark_attention([4], ['hard'], layout='bnhd')
+
+
 def test_attention_call_makes_the_output_gradient_once(monkeypatch):
     made = []
     real_ones_like = torch.ones_like
@@ -170,13 +195,13 @@ def test_attention_call_makes_the_output_gradient_once(monkeypatch):
 def test_attention_tool_writes_json_with_command_and_hardware(tmp_path):
     out = tmp_path / 'attention.json'
     proc = subprocess.run([sys.executable, 'tools/analysis/benchmark_attention.py', '--grids', '4', '--paths', 'hard',
-                           'hard-torch', '--repeats', '1', '--threads', '1', '--out', str(out)],
+                           'hard-torch', '--repeats', '1', '--threads', '1', '--layout', 'packed', '--out', str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     payload = json.loads(out.read_text())
     assert 'benchmark_attention.py --grids 4' in payload['command']
-    assert payload['hardware']['torch_threads'] == 1
-    assert '| 4x4 | 16 | hard | fwd |' in proc.stdout
+    assert payload['hardware']['torch_threads'] == 1 and payload['settings']['layout'] == 'packed'
+    assert '| 4x4 | 16 | hard | fwd |' in proc.stdout and 'packed layout' in proc.stdout
     bad = subprocess.run([sys.executable, 'tools/analysis/benchmark_attention.py', '--batch', '0'], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and '--batch must be positive, got 0' in bad.stderr

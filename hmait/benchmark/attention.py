@@ -1,6 +1,9 @@
 """Time and peak memory of the masked-attention paths against the dense reference and global SDPA.
 
-Paths (each on ``(B, heads, N, d)`` tensors of a ``side x side`` grid):
+Layouts: ``heads`` gives every path separate q, k, v of shape ``(B, heads, N, d)`` (the layout of
+:func:`hmait.ops.masked_attention`); ``packed`` gives it one ``(B, N, 3, heads, d)`` tensor, as a
+model's qkv projection leaves it, through :func:`hmait.ops.masked_attention_qkv`, and the output and
+gradient are those the model sees. Paths (on a ``side x side`` grid):
 
 * ``hard``, ``strict``, ``soft``: :func:`hmait.ops.masked_attention` as a model calls it
   (``backend='auto'``: the fastest path available on the device);
@@ -20,17 +23,29 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..ops import dense_masked_attention, masked_attention
+from ..ops import dense_masked_attention, masked_attention, masked_attention_qkv
+from ..ops.masked_attention import qkv_heads
 from .measure import markdown_table, peak_memory_mib, time_alternating
 
 PATHS = ('hard', 'strict', 'soft', 'hard-torch', 'strict-torch', 'dense-hard', 'sdpa-global')
 QUADRATIC = ('soft', 'dense-hard', 'sdpa-global')
+LAYOUTS = ('heads', 'packed')
 
 
-def path_fn(path: str, hw: tuple[int, int], mask_size: int) -> Callable:
-    """``fn(q, k, v, alpha) -> out`` for one path."""
+def path_fn(path: str, hw: tuple[int, int], mask_size: int, layout: str = 'heads') -> Callable:
+    """``fn(q, k, v, alpha) -> out`` for one path; for layout 'packed', ``fn(qkv, alpha) -> out``
+    in the token-major ``(B, N, heads, d)`` layout."""
     if path not in PATHS:
         raise ValueError(f'path must be one of {PATHS}, got {path!r}')
+    if layout not in LAYOUTS:
+        raise ValueError(f'layout must be one of {LAYOUTS}, got {layout!r}')
+
+    def packed(qkv, alpha):
+        if path in ('hard', 'strict', 'soft'):
+            return masked_attention_qkv(qkv, hw, mask_size, path, alpha)
+        if path in ('hard-torch', 'strict-torch'):
+            return masked_attention_qkv(qkv, hw, mask_size, path.split('-')[0], backend='torch')
+        return fn(*qkv_heads(qkv), alpha).transpose(1, 2)
 
     def fn(q, k, v, alpha):
         if path in ('hard', 'strict', 'soft'):
@@ -40,46 +55,53 @@ def path_fn(path: str, hw: tuple[int, int], mask_size: int) -> Callable:
         if path == 'dense-hard':
             return dense_masked_attention(q, k, v, hw, mask_size, 'hard')
         return F.scaled_dot_product_attention(q, k, v)
-    return fn
+    return packed if layout == 'packed' else fn
 
 
-def _call(fn: Callable, inputs: Sequence[torch.Tensor], backward: bool) -> Callable[[], None]:
-    """One timed call: the forward, and with ``backward`` the gradients of q, k and v.
+def _call(fn: Callable, inputs: Sequence[torch.Tensor | None], backward: bool) -> Callable[[], None]:
+    """One timed call of ``fn(*inputs)``: the forward, and with ``backward`` the gradients of every
+    input but the last (q, k and v, or the packed qkv; the last is alpha).
 
     The output gradient is an input of the backward, like q, k and v are of the forward: it is made
     once, on the first call, in the output's layout, and reused, so that no call times its creation.
     """
-    q, k, v, alpha = inputs
+    tensors, alpha = tuple(inputs[:-1]), inputs[-1]
     grad_out: list[torch.Tensor] = []
 
     def run() -> None:
         with torch.set_grad_enabled(backward):
-            out = fn(q, k, v, alpha)
+            out = fn(*tensors, alpha)
             if backward:
                 if not grad_out:
                     grad_out.append(torch.ones_like(out))
-                torch.autograd.grad(out, (q, k, v), grad_out[0])
+                torch.autograd.grad(out, tensors, grad_out[0])
     return run
 
 
 def benchmark_attention(grids: Sequence[int], paths: Sequence[str], batch: int = 1, heads: int = 3,
                         head_dim: int = 32, mask_size: int = 3, repeats: int = 5, warmup: int = 1,
                         dtype: torch.dtype = torch.float32, device: str = 'cpu',
-                        max_quadratic_tokens: int = 112 * 112,
+                        max_quadratic_tokens: int = 112 * 112, layout: str = 'heads',
                         log: Callable[[str], None] | None = None) -> list[dict]:
     """One row per (grid, path, pass) with the median and every repetition's milliseconds and the
     peak MiB of one call."""
+    if layout not in LAYOUTS:
+        raise ValueError(f'layout must be one of {LAYOUTS}, got {layout!r}')
     dev = torch.device(device)
     rows = []
     for side in grids:
         n = side * side
         g = torch.Generator(device='cpu').manual_seed(side)
-        inputs = [torch.randn(batch, heads, n, head_dim, generator=g).to(dev, dtype).requires_grad_()
-                  for _ in range(3)]
+        if layout == 'packed':
+            inputs = [torch.randn(batch, n, 3, heads, head_dim, generator=g).to(dev, dtype).requires_grad_()]
+        else:
+            inputs = [torch.randn(batch, heads, n, head_dim, generator=g).to(dev, dtype).requires_grad_()
+                      for _ in range(3)]
         inputs.append(torch.full((heads,), 0.5, device=dev, dtype=dtype))
         runnable = [p for p in paths if not (p in QUADRATIC and n > max_quadratic_tokens)]
         for passes in ('fwd', 'fwd+bwd'):
-            calls = {p: _call(path_fn(p, (side, side), mask_size), inputs, passes == 'fwd+bwd') for p in runnable}
+            calls = {p: _call(path_fn(p, (side, side), mask_size, layout), inputs, passes == 'fwd+bwd')
+                     for p in runnable}
             if log is not None:
                 log(f'{side}x{side} {passes}')
             times, errors = time_alternating(calls, reps=repeats, warmup=warmup, device=dev, log=log)

@@ -1,10 +1,13 @@
 #!/usr/bin/env python
 """Benchmark the masked-attention op: every path against the portable path, the dense reference and SDPA.
 
-    python tools/analysis/benchmark_attention.py [--grids 28 56 112 224] [--batch 1] [--threads N] [--out FILE.json]
+    python tools/analysis/benchmark_attention.py [--grids 28 56 112 224] [--batch 1] [--threads N]
+                                                 [--layout heads|packed] [--out FILE.json]
 
 Prints a markdown table (median and every repetition), the growth per grid step and the speed-up
 of each path over the portable PyTorch path, and writes JSON with the hardware and the command.
+``--layout packed`` times every path on one (B, N, 3, heads, d) qkv tensor, the layout a model's
+attention layer hands over, instead of separate (B, heads, N, d) q, k and v.
 """
 from __future__ import annotations
 
@@ -20,12 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from hmait.benchmark.attention import PATHS, benchmark_attention, summarise, table
+    from hmait.benchmark.attention import LAYOUTS, PATHS, benchmark_attention, summarise, table
     from hmait.benchmark.measure import hardware_line, record
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--grids', type=int, nargs='+', default=[28, 56, 112, 224], help='grid sides')
     parser.add_argument('--paths', nargs='+', default=list(PATHS), choices=PATHS)
+    parser.add_argument('--layout', default='heads', choices=LAYOUTS,
+                        help='separate (B, heads, N, d) q, k, v, or one packed (B, N, 3, heads, d) qkv')
     parser.add_argument('--batch', type=int, default=1)
     parser.add_argument('--heads', type=int, default=3)
     parser.add_argument('--head-dim', type=int, default=32)
@@ -51,12 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     rows = benchmark_attention(args.grids, args.paths, args.batch, args.heads, args.head_dim, args.mask_size,
                                args.repeats, args.warmup, getattr(torch, args.dtype), args.device,
-                               args.max_quadratic_tokens, log=log)
+                               args.max_quadratic_tokens, args.layout, log=log)
     summary = summarise(rows)
     payload = record(args.device, sys.argv if argv is None else ['tools/analysis/benchmark_attention.py', *argv],
                      settings=vars(args), rows=rows, summary=summary)
     print(f"\n{hardware_line(payload['hardware'])}; {args.batch} x {args.heads} heads x d {args.head_dim}, "
-          f'{args.dtype}\n')
+          f'{args.dtype}, {args.layout} layout\n')
     print(table(rows))
     for key, value in summary.items():
         print(f'{key}: {value:.2f}')
