@@ -143,9 +143,15 @@ def test_plan_rejects_what_cannot_run():
 
 
 def test_attention_benchmark_rows_and_summary():
+    lines = []
     rows = benchmark_attention([4, 8], ['hard', 'hard-torch', 'dense-hard'], repeats=2, warmup=0,
-                               max_quadratic_tokens=16)
+                               max_quadratic_tokens=16, log=lines.append)
     assert len(rows) == 2 * 3 * 2
+    assert [(r['grid'], r['passes']) for r in rows] == [(g, p) for g in (4, 8) for p in ('fwd', 'fwd+bwd')
+                                                       for _ in range(3)]
+    # Both grids are timed in every repetition, alternately.
+    reps = [line for line in lines if 'rep ' in line]
+    assert len(reps) == 4 and all('4x4 hard ' in line and '8x8 hard ' in line for line in reps)
     done = [r for r in rows if r['ms'] is not None]
     skipped = [r for r in rows if r['ms'] is None]
     assert all(r['path'] == 'dense-hard' and r['grid'] == 8 and 'skipped' in r['note'] for r in skipped)
@@ -153,6 +159,16 @@ def test_attention_benchmark_rows_and_summary():
     summary = summarise(rows)
     assert 'hard fwd+bwd: t(8^2) / t(4^2)' in summary
     assert summary['hard fwd at 8^2: speed-up over hard-torch'] > 0
+
+
+def test_attention_summary_pairs_growth_by_repetition():
+    def row(grid, ms):
+        return dict(grid=grid, path='hard', passes='fwd', ms=sorted(ms)[len(ms) // 2], repetitions_ms=ms)
+    summary = summarise([row(4, [1., 2., 4.]), row(8, [4., 6., 20.])])
+    assert summary['hard fwd: t(8^2) / t(4^2)'] == pytest.approx(3.)  # medians 6 / 2
+    assert summary['hard fwd: t(8^2) / t(4^2), median per repetition'] == pytest.approx(4.)  # of 4, 3, 5
+    unpaired = summarise([row(4, [1., 2., 4.]), row(8, [4., 6.])])
+    assert 'hard fwd: t(8^2) / t(4^2), median per repetition' not in unpaired
 
 
 def test_attention_benchmark_packed_layout_runs_the_same_attention(monkeypatch):

@@ -84,58 +84,74 @@ def benchmark_attention(grids: Sequence[int], paths: Sequence[str], batch: int =
                         max_quadratic_tokens: int = 112 * 112, layout: str = 'heads',
                         log: Callable[[str], None] | None = None) -> list[dict]:
     """One row per (grid, path, pass) with the median and every repetition's milliseconds and the
-    peak MiB of one call."""
+    peak MiB of one call.
+
+    Every grid and path of a pass is timed alternately in each repetition, so that drift on a shared
+    machine moves all of them alike and the growth from one grid to the next can be paired by
+    repetition (:func:`summarise`)."""
     if layout not in LAYOUTS:
         raise ValueError(f'layout must be one of {LAYOUTS}, got {layout!r}')
     dev = torch.device(device)
-    rows = []
+    inputs, runnable = {}, {}
     for side in grids:
         n = side * side
         g = torch.Generator(device='cpu').manual_seed(side)
         if layout == 'packed':
-            inputs = [torch.randn(batch, n, 3, heads, head_dim, generator=g).to(dev, dtype).requires_grad_()]
+            tensors = [torch.randn(batch, n, 3, heads, head_dim, generator=g).to(dev, dtype).requires_grad_()]
         else:
-            inputs = [torch.randn(batch, heads, n, head_dim, generator=g).to(dev, dtype).requires_grad_()
-                      for _ in range(3)]
-        inputs.append(torch.full((heads,), 0.5, device=dev, dtype=dtype))
-        runnable = [p for p in paths if not (p in QUADRATIC and n > max_quadratic_tokens)]
-        for passes in ('fwd', 'fwd+bwd'):
-            calls = {p: _call(path_fn(p, (side, side), mask_size, layout), inputs, passes == 'fwd+bwd')
-                     for p in runnable}
-            if log is not None:
-                log(f'{side}x{side} {passes}')
-            times, errors = time_alternating(calls, reps=repeats, warmup=warmup, device=dev, log=log)
+            tensors = [torch.randn(batch, heads, n, head_dim, generator=g).to(dev, dtype).requires_grad_()
+                       for _ in range(3)]
+        inputs[side] = [*tensors, torch.full((heads,), 0.5, device=dev, dtype=dtype)]
+        runnable[side] = [p for p in paths if not (p in QUADRATIC and n > max_quadratic_tokens)]
+    rows = []
+    for passes in ('fwd', 'fwd+bwd'):
+        calls = {f'{side}x{side} {p}': _call(path_fn(p, (side, side), mask_size, layout), inputs[side],
+                                             passes == 'fwd+bwd')
+                 for side in grids for p in runnable[side]}
+        if log is not None:
+            log(passes)
+        times, errors = time_alternating(calls, reps=repeats, warmup=warmup, device=dev, log=log)
+        for side in grids:
             for p in paths:
-                row = dict(grid=side, tokens=n, path=p, passes=passes, ms=None, peak_mib=None, repetitions_ms=None,
-                           note=errors.get(p, ''))
-                if p not in runnable:
+                key = f'{side}x{side} {p}'
+                row = dict(grid=side, tokens=side * side, path=p, passes=passes, ms=None, peak_mib=None,
+                           repetitions_ms=None, note=errors.get(key, ''))
+                if p not in runnable[side]:
                     row['note'] = f'skipped: quadratic path above {max_quadratic_tokens} tokens'
-                elif p in times:
-                    row.update(ms=1e3 * statistics.median(times[p]), peak_mib=peak_memory_mib(calls[p], dev),
-                               repetitions_ms=[round(1e3 * t, 2) for t in times[p]])
+                elif key in times:
+                    row.update(ms=1e3 * statistics.median(times[key]), peak_mib=peak_memory_mib(calls[key], dev),
+                               repetitions_ms=[1e3 * t for t in times[key]])
                 rows.append(row)
-    return rows
+    order = {side: i for i, side in enumerate(grids)}
+    return sorted(rows, key=lambda r: order[r['grid']])  # stable: by grid, then pass, then path
 
 
 def summarise(rows: Sequence[dict]) -> dict:
-    """Growth from one grid to the next per path, and every path's speed-up over the portable path."""
-    ms = {(r['grid'], r['path'], r['passes']): r['ms'] for r in rows if r['ms']}
+    """Growth from one grid to the next per path, as the ratio of medians and as the median of the
+    ratios within each repetition (the grids alternate within a repetition), and every path's
+    speed-up over the portable path."""
+    done = {(r['grid'], r['path'], r['passes']): r for r in rows if r['ms']}
     grids = sorted({r['grid'] for r in rows})
     summary = {}
-    for (grid, path, passes), t in sorted(ms.items()):
+    for (grid, path, passes), row in sorted(done.items()):
         bigger = [g for g in grids if g > grid]
-        if bigger and (bigger[0], path, passes) in ms:
-            summary[f'{path} {passes}: t({bigger[0]}^2) / t({grid}^2)'] = ms[(bigger[0], path, passes)] / t
+        if bigger and (bigger[0], path, passes) in done:
+            other = done[(bigger[0], path, passes)]
+            name = f'{path} {passes}: t({bigger[0]}^2) / t({grid}^2)'
+            summary[name] = other['ms'] / row['ms']
+            pairs = list(zip(other['repetitions_ms'], row['repetitions_ms']))
+            if len(pairs) == len(row['repetitions_ms']) == len(other['repetitions_ms']):
+                summary[f'{name}, median per repetition'] = statistics.median(a / b for a, b in pairs)
         for mode in ('hard', 'strict'):
-            portable = ms.get((grid, f'{mode}-torch', passes))
+            portable = done.get((grid, f'{mode}-torch', passes))
             if path == mode and portable:
-                summary[f'{path} {passes} at {grid}^2: speed-up over {mode}-torch'] = portable / t
+                summary[f'{path} {passes} at {grid}^2: speed-up over {mode}-torch'] = portable['ms'] / row['ms']
     return summary
 
 
 def table(rows: Sequence[dict]) -> str:
     shown = [dict(r, grid=f"{r['grid']}x{r['grid']}",
-                  repetitions_ms=' '.join(map(str, r['repetitions_ms'] or [])) or None) for r in rows]
+                  repetitions_ms=' '.join(f'{t:.2f}' for t in r['repetitions_ms'] or []) or None) for r in rows]
     return markdown_table([('grid', 'grid'), ('tokens', 'tokens:'), ('path', 'path'), ('passes', 'passes'),
                            ('ms', 'median ms:'), ('peak_mib', 'peak MiB:'), ('repetitions_ms', 'ms per repetition'),
                            ('note', 'note')], shown)

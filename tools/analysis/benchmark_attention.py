@@ -6,6 +6,8 @@
 
 Prints a markdown table (median and every repetition), the growth per grid step and the speed-up
 of each path over the portable PyTorch path, and writes JSON with the hardware and the command.
+All grids and paths of a pass are timed alternately within each repetition, so the growth is also
+given as the median of its per-repetition values, which drift on a shared machine moves least.
 ``--layout packed`` times every path on one (B, N, 3, heads, d) qkv tensor, the layout a model's
 attention layer hands over, instead of separate (B, heads, N, d) q, k and v.
 """
