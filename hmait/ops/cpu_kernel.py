@@ -188,8 +188,14 @@ def _fwd_fake(q, k, v, h, w, num_prefix, mask_size, hard, scale):
     return q.new_empty(b, n, heads, v.shape[-1]), q.new_empty(b, heads, n, dtype=acc)
 
 
+def _gradient_like(t):
+    """The kernel's gradient layout: like t where t is dense with contiguous channels, else contiguous."""
+    g = torch.empty_like(t)
+    return g if g.shape[-1] <= 1 or g.stride(-1) == 1 else t.new_empty(t.shape)
+
+
 def _bwd_fake(grad_out, q, k, v, out, lse, h, w, num_prefix, mask_size, hard, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return _gradient_like(q), _gradient_like(k), _gradient_like(v)
 
 
 def _qkv_fwd_fake(qkv, h, w, num_prefix, mask_size, hard, scale):

@@ -11,7 +11,8 @@
 // channel dimension must be contiguous, else it is made so), so they can be views of the qkv projection
 // output (B, N, 3, heads, d). out is a new contiguous (B, N, heads, d_v) tensor in the dtype of q: viewed
 // as (B, N, heads * d_v) it is what the output projection reads, without a copy. lse is (B, heads, N),
-// float32 (float64 for float64 inputs). The gradients are new contiguous tensors shaped like the inputs.
+// float32 (float64 for float64 inputs). The gradients are new tensors laid out like the inputs where those
+// are dense with a contiguous channel dimension, else contiguous.
 // The qkv ops take the packed (B, N, 3, heads, d) projection instead and return its gradient in one piece.
 //
 // Work is split between threads with at::parallel_for (torch's own thread pool and thread count); the
@@ -19,6 +20,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <atomic>
@@ -245,12 +247,17 @@ void backward_into(const Tensor& grad_out_in, const Tensor& q_in, const Tensor& 
   run_stage(kernel, Stage::kBackwardPrefixKey, args, batch * heads * num_prefix, 1);
 }
 
+// A new tensor laid out like t where t is dense with contiguous channels (e.g. (B, heads, N, d) head planes
+// seen as (B, N, heads, d)), else contiguous: the layout the kernel writes fastest for such inputs.
+Tensor gradient_like(const Tensor& t) {
+  Tensor g = at::empty_like(t);
+  return g.size(3) <= 1 || g.stride(3) == 1 ? g : at::empty(t.sizes(), t.options());
+}
+
 std::tuple<Tensor, Tensor, Tensor> masked_attention_cpu_bwd(
     const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
     int64_t h, int64_t w, int64_t num_prefix, int64_t mask_size, bool hard, double scale) {
-  Tensor grad_q = at::empty(q.sizes(), q.options());
-  Tensor grad_k = at::empty(k.sizes(), k.options());
-  Tensor grad_v = at::empty(v.sizes(), v.options());
+  Tensor grad_q = gradient_like(q), grad_k = gradient_like(k), grad_v = gradient_like(v);
   backward_into(grad_out, q, k, v, out, lse, h, w, num_prefix, mask_size, hard, scale, grad_q, grad_k, grad_v);
   return {grad_q, grad_k, grad_v};
 }

@@ -375,11 +375,27 @@ struct MaskedKernel {
   const int64_t heads, P, h, w, hw, N, d_, dv_, radius;
   const bool hard;
   const A scale;
+  const bool heads_outer;
 
   explicit MaskedKernel(const Args& args)
       : a(args), heads(args.heads), P(args.num_prefix), h(args.h), w(args.w), hw(args.h * args.w),
         N(args.num_prefix + args.h * args.w), d_(args.head_dim), dv_(args.value_dim), radius(args.mask_size / 2),
-        hard(args.hard), scale(A(args.scale)) {}
+        hard(args.hard), scale(A(args.scale)),
+        heads_outer(mostly_head_planes(args)) {}
+
+  // Whether most of the tensors a stage touches hold each head as a plane of its own (head stride above
+  // token stride, e.g. (B, heads, N, d) tensors seen as (B, N, heads, d)); the grid stages then take the
+  // heads outermost, so that consecutive items read and write neighbouring memory.
+  static bool mostly_head_planes(const Args& args) {
+    int planes = 0, views = 0;
+    for (const View* view : {&args.q, &args.k, &args.v, &args.out, &args.grad_out, &args.grad_q, &args.grad_k,
+                             &args.grad_v}) {
+      if (view->data == nullptr) continue;
+      ++views;
+      planes += view->stride_h > view->stride_n;
+    }
+    return 2 * planes > views;
+  }
 
   int64_t d() const { return D > 0 ? D : d_; }
   int64_t dv() const { return D > 0 ? D : dv_; }
@@ -411,17 +427,27 @@ struct MaskedKernel {
   static constexpr int64_t kStripWidth = 32;
 
   // A work item of the grid stages: batch b, grid position (row, col), head; strip order with the
-  // heads innermost. Advancing it costs no division (the 64-bit divisions of decoding every item
-  // from its index were a good part of the per-query cost).
+  // heads innermost for token-major tensors, outermost (after the batch) for head planes. Advancing it
+  // costs no division (the 64-bit divisions of decoding every item from its index were a good part of
+  // the per-query cost).
   struct Cursor {
     int64_t b, row, col, head, strip_start, strip_stop;
   };
 
   Cursor cursor_at(int64_t item) const {
     Cursor c;
-    c.head = item % heads;
-    c.b = item / heads / hw;
-    const int64_t i = item / heads % hw, strip_size = h * kStripWidth;
+    int64_t i;
+    if (heads_outer) {
+      const int64_t bh = item / hw;
+      c.b = bh / heads;
+      c.head = bh % heads;
+      i = item % hw;
+    } else {
+      c.head = item % heads;
+      c.b = item / heads / hw;
+      i = item / heads % hw;
+    }
+    const int64_t strip_size = h * kStripWidth;
     c.strip_start = i / strip_size * kStripWidth;
     c.strip_stop = std::min(c.strip_start + kStripWidth, w);
     const int64_t width = c.strip_stop - c.strip_start, offset = i % strip_size;
@@ -431,16 +457,21 @@ struct MaskedKernel {
   }
 
   void advance(Cursor& c) const {
-    if (++c.head < heads) return;
-    c.head = 0;
+    if (!heads_outer) {
+      if (++c.head < heads) return;
+      c.head = 0;
+    }
     if (++c.col < c.strip_stop) return;
     c.col = c.strip_start;
     if (++c.row < h) return;
     c.row = 0;
     c.strip_start = c.strip_stop < w ? c.strip_stop : 0;
-    if (c.strip_start == 0) ++c.b;
     c.strip_stop = std::min(c.strip_start + kStripWidth, w);
     c.col = c.strip_start;
+    if (c.strip_start != 0) return;
+    if (heads_outer && ++c.head < heads) return;
+    c.head = 0;
+    ++c.b;
   }
 
   // Whether grid query g has non-neighbour grid tokens (so hard mode gives it an outside term).
