@@ -46,7 +46,8 @@ struct Args {
 // The stages of forward and backward. Each runs over a range of independent work items, so the
 // op layer can split it between threads; no two items write the same memory. Items are numbered
 // row-major in the order given, e.g. (b, grid position, head): consecutive items then read
-// neighbouring memory of the token-major q, k, v, which the hardware prefetchers follow. Grid
+// neighbouring memory of the token-major q, k, v, which the hardware prefetchers follow. The grid
+// stages number (b, head, grid position) instead when most of their tensors are head planes. Grid
 // positions are taken in vertical strips of a few columns (see MaskedKernel::Cursor).
 enum class Stage : int {
   kForwardGrid = 1,      // items: (b, grid pos, head)  -> out, lse of the grid queries
