@@ -139,9 +139,10 @@ def summarise(rows: Sequence[dict]) -> dict:
             other = done[(bigger[0], path, passes)]
             name = f'{path} {passes}: t({bigger[0]}^2) / t({grid}^2)'
             summary[name] = other['ms'] / row['ms']
-            pairs = list(zip(other['repetitions_ms'], row['repetitions_ms']))
-            if len(pairs) == len(row['repetitions_ms']) == len(other['repetitions_ms']):
-                summary[f'{name}, median per repetition'] = statistics.median(a / b for a, b in pairs)
+            larger, smaller = other['repetitions_ms'], row['repetitions_ms']
+            if len(larger) == len(smaller):
+                summary[f'{name}, median per repetition'] = statistics.median(
+                    a / b for a, b in zip(larger, smaller))
         for mode in ('hard', 'strict'):
             portable = done.get((grid, f'{mode}-torch', passes))
             if path == mode and portable:
