@@ -63,9 +63,11 @@ def check_masked_heads(count: Any, num_heads: int, name: str = 'num_masked_heads
 
 
 def check_grid(hw: Any) -> tuple[int, int]:
-    """The token grid ``(h, w)`` as two positive Python ints."""
+    """The token grid ``(h, w)`` as two positive Python ints (or symbolic ints while exporting)."""
     try:
-        h, w = (int(s) for s in hw)
+        # Symbolic sizes (torch.export with dynamic shapes) stay symbolic: int() would fix them to
+        # the example input's grid, and the exported graph would run at that size only.
+        h, w = (s if isinstance(s, torch.SymInt) else int(s) for s in hw)
     except (TypeError, ValueError):
         raise ValueError(f'hw must be a pair (height, width) of the token grid, got {hw!r}') from None
     if h <= 0 or w <= 0:

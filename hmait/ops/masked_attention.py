@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .checks import check_grid, check_int, check_mask_size, check_mode, check_packed_qkv
 
-BACKENDS = ('auto', 'torch', 'triton', 'cpu')
+BACKENDS = ('auto', 'torch', 'halo', 'triton', 'cpu')
 
 # 'auto' picks the compiled kernels for hard/strict heads (Triton on CUDA, C++ on CPU); this
 # variable, read once at import, turns that off ('torch') without touching code.
@@ -240,6 +240,129 @@ def _local_grid_attention(q, k, v, h, w, mask_size, mode, num_prefix_tokens, sca
     return grid_out.to(out_dtype)
 
 
+# Query tile side of the halo path: Swin's window, so the tiles fit H-MaiT's 56/28/14 grids exactly.
+HALO_TILE = 7
+
+
+def _halo_indices(h, w, mask_size: int, num_prefix_tokens: int, tile: int, device: torch.device | None):
+    """Where the halo path reads and writes, for ``T`` tiles of ``tile x tile`` queries.
+
+    Returns:
+        query_index ``(T, tile^2)``: the token each tile query reads (clamped into the grid; queries
+            beyond it are padding and are never written back);
+        key_index ``(T, S)``: each tile's halo of ``(tile + 2r)^2`` grid keys (clamped likewise), then
+            the prefix tokens, ``S = (tile + 2r)^2 + num_prefix_tokens``;
+        allowed ``(T, tile^2, S)``: which keys are in a query's mask (its neighbours inside the grid,
+            and every prefix token);
+        out_index ``(h * w,)``: the flat tile position of every grid token, row-major.
+    All are computed from ``h`` and ``w``, so they stay symbolic in an export with dynamic shapes.
+    """
+    p, r = num_prefix_tokens, mask_size // 2
+    side = tile + 2 * r
+    tiles_h, tiles_w = (h + tile - 1) // tile, (w + tile - 1) // tile
+    local, halo = torch.arange(tile, device=device), torch.arange(side, device=device)
+    q_rows = (torch.arange(tiles_h, device=device) * tile)[:, None] + local            # (tiles_h, tile)
+    q_cols = (torch.arange(tiles_w, device=device) * tile)[:, None] + local            # (tiles_w, tile)
+    k_rows = (torch.arange(tiles_h, device=device) * tile - r)[:, None] + halo         # (tiles_h, side)
+    k_cols = (torch.arange(tiles_w, device=device) * tile - r)[:, None] + halo         # (tiles_w, side)
+
+    def flat(rows, cols, n):  # (tiles_h, n), (tiles_w, n) -> token indices (T, n * n), clamped
+        index = rows.clamp(0, h - 1)[:, None, :, None] * w + cols.clamp(0, w - 1)[None, :, None, :]
+        return (index + p).reshape(tiles_h * tiles_w, n * n)
+
+    query_index, key_index = flat(q_rows, q_cols, tile), flat(k_rows, k_cols, side)
+    inside = (((k_rows >= 0) & (k_rows < h))[:, None, :, None]
+              & ((k_cols >= 0) & (k_cols < w))[None, :, None, :]).reshape(tiles_h * tiles_w, side * side)
+    # Query (a, c) of a tile sits at (a + r, c + r) of its halo: its neighbours are the halo positions
+    # within r of that, the same (tile^2, side^2) pattern in every tile.
+    near = (halo[None] - local[:, None] - r).abs() <= r                                 # (tile, side)
+    near = (near[:, None, :, None] & near[None, :, None, :]).reshape(tile * tile, side * side)
+    allowed = near[None] & inside[:, None]                                              # (T, tile^2, side^2)
+    if p:
+        prefix = torch.arange(p, device=device)
+        key_index = torch.cat([key_index, prefix.expand(key_index.shape[0], p)], dim=1)
+        allowed = torch.cat([allowed, allowed.new_ones(*allowed.shape[:2], p)], dim=-1)
+    grid = torch.arange(h * w, device=device)
+    rows, cols = grid // w, grid % w
+    out_index = ((rows // tile) * tiles_w + cols // tile) * (tile * tile) + (rows % tile) * tile + cols % tile
+    return query_index, key_index, allowed, out_index
+
+
+# Masked-out logits of the halo path sit this far below the query's own logit (which every query may
+# see), so they weigh at most exp(-64) of it: zero for every float type, yet inside the range where
+# runtimes' vectorised exp stays fast (ONNX Runtime's softmax slowed tenfold on -inf or -3e38 fills).
+_HALO_MARGIN = 64.
+
+
+def _halo_attention(q, k, v, h, w, mask_size, mode, num_prefix_tokens, scale, tile: int | None = None):
+    """Hard or strict masked attention as batched matrix products over tiles with a halo (for export).
+
+    The grid is cut into ``tile x tile`` query tiles; the keys a tile's queries can reach lie in its
+    ``(tile + 2r)^2`` halo, gathered once per tile. Logits and outputs are then two batched MatMuls,
+    as in Swin's windows, and one softmax. The mask needs no fill value: softmax is shift-invariant,
+    so each query's logits are shifted by ``margin - s_self`` (two extra channels of q and k fold the
+    shift into the MatMul) and masked-out logits are multiplied by 0, which puts them ``margin`` below
+    the query's own logit. Hard mode is exact: the ``n_out`` non-neighbours of a query all have logit
+    0, so together they are one more key of logit ``log(n_out)`` whose value is their mean, the total
+    value sum less the neighbours', over ``n_out``. Few, large, standard operators instead of one slice
+    per offset, which is what ONNX runtimes execute well, and every size symbolic, so one export runs
+    at any grid. Memory is O(N * (tile + 2r)^2).
+    """
+    tile = HALO_TILE if tile is None else tile
+    out_dtype = q.dtype
+    dtype = _compute_dtype(q)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    b, heads, n, d = q.shape
+    p, r = num_prefix_tokens, mask_size // 2
+    scale = d ** -0.5 if scale is None else scale
+    query_index, key_index, allowed, out_index = _halo_indices(h, w, mask_size, p, tile, q.device)
+    num_tiles = query_index.shape[0]
+
+    def gather(t, index):  # (B, heads, N, c) -> (B, heads, T, len, c)
+        return t.index_select(2, index.reshape(-1)).reshape(b, heads, num_tiles, index.shape[1], t.shape[-1])
+
+    # The logit scale is applied with the mask, after the MatMul; the extra channels are divided by it.
+    own_product = (q * k).sum(-1, keepdim=True)                                         # (B, heads, N, 1)
+    q_parts, k_parts = [q, _HALO_MARGIN / scale - own_product], [k, torch.ones_like(k[..., :1])]
+    if mode == 'hard':
+        # Non-neighbours per token (any value for the prefix rows, which are not grid queries).
+        grid = torch.arange(h * w, device=q.device)
+        rows, cols = grid // w, grid % w
+        near_rows = (rows + r).clamp(max=h - 1) - (rows - r).clamp(min=0) + 1
+        near_cols = (cols + r).clamp(max=w - 1) - (cols - r).clamp(min=0) + 1
+        num_outside = F.pad((h * w - near_rows * near_cols).to(dtype), (p, 0), value=1.)  # (N,)
+        # The extra key: logit log(n_out) through a channel only it has; where there are no
+        # non-neighbours it sits margin below, like a masked-out key (and its value is 0 then).
+        log_outside = torch.where(num_outside > 0, num_outside.clamp(min=1.).log(), -_HALO_MARGIN) / scale
+        q_parts.append(log_outside[:, None].expand(b, heads, n, 1))
+        k_parts.append(torch.zeros_like(k[..., :1]))
+        key_index = torch.cat([key_index, key_index.new_full((num_tiles, 1), n)], dim=1)
+    if mode == 'hard':
+        # The neighbours, for their value sum, and every key the softmax keeps, the extra key included.
+        neighbours = torch.cat([allowed, allowed.new_zeros(*allowed.shape[:2], 1)], dim=-1).to(dtype)
+        allowed = torch.cat([allowed, allowed.new_ones(*allowed.shape[:2], 1)], dim=-1)
+    q_tiles = gather(torch.cat(q_parts, dim=-1), query_index)                           # (B, heads, T, tile^2, d + c)
+    k_aug = torch.cat(k_parts, dim=-1)
+    if mode == 'hard':
+        extra_key = torch.cat([torch.zeros_like(k[:, :, :1]), torch.ones_like(k_aug[:, :, :1, d:])], dim=-1)
+        k_aug, v = torch.cat([k_aug, extra_key], dim=2), F.pad(v, (0, 0, 0, 1))
+    k_halo, v_halo = gather(k_aug, key_index), gather(v, key_index)                    # (B, heads, T, S, .)
+    attn = ((q_tiles @ k_halo.transpose(-2, -1)) * (allowed.to(dtype) * scale)).softmax(dim=-1)  # (B, heads, T, tile^2, S)
+    out = attn @ v_halo                                                                 # (B, heads, T, tile^2, dv)
+    if mode == 'hard':
+        # Each non-neighbour's value, on average: the total value sum less the neighbours'.
+        neighbour_sum = neighbours @ v_halo                                             # (B, heads, T, tile^2, dv)
+        outside = num_outside.clamp(min=1.)[query_index][..., None]                    # (T, tile^2, 1)
+        outside_mean = (v.sum(dim=2)[:, :, None, None] - neighbour_sum) / outside
+        out = out + attn[..., -1:] * outside_mean
+    out = out.reshape(b, heads, num_tiles * tile * tile, -1).index_select(2, out_index)  # (B, heads, h*w, dv)
+    if p:
+        # Prefix queries attend to every token: plain attention over p rows.
+        prefix_out = F.scaled_dot_product_attention(q[:, :, :p], k, v[:, :, :n], scale=scale)
+        out = torch.cat([prefix_out, out], dim=2)
+    return out.to(out_dtype)
+
+
 def _triton_local_attention(q, k, v, h, w, mask_size, mode, num_prefix_tokens, scale):
     """Hard or strict masked attention with the grid queries in the fused Triton kernels."""
     from .triton_masked import triton_grid_attention  # imported lazily: triton is optional
@@ -278,7 +401,7 @@ def _exporting() -> bool:
 
 
 def _choose_backend(q: torch.Tensor, v_dim: int, mode: str, backend: str) -> str:
-    """'torch', 'triton' or 'cpu' for this call (see :func:`masked_attention`'s ``backend``)."""
+    """'torch', 'halo', 'triton' or 'cpu' for this call (see :func:`masked_attention`'s ``backend``)."""
     if backend not in BACKENDS:
         raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
     if backend == 'auto':
@@ -286,7 +409,7 @@ def _choose_backend(q: torch.Tensor, v_dim: int, mode: str, backend: str) -> str
         if backend not in BACKENDS:
             raise ValueError(f'the environment variable {_BACKEND_ENV} must be one of {BACKENDS}, '
                              f'got {backend!r}')
-    if backend in ('triton', 'cpu'):
+    if backend in ('halo', 'triton', 'cpu'):
         if mode == 'soft':
             raise ValueError(f"backend={backend!r} implements mode 'hard' and 'strict'; "
                              "use backend 'auto' or 'torch' for mode 'soft'")
@@ -295,13 +418,18 @@ def _choose_backend(q: torch.Tensor, v_dim: int, mode: str, backend: str) -> str
             if not available:
                 raise RuntimeError(f"backend='cpu': the compiled CPU kernel is unavailable: {reason}")
         return backend
-    if backend == 'torch' or mode == 'soft' or q.dtype not in _KERNEL_DTYPES:
+    if backend == 'torch' or mode == 'soft':
+        return 'torch'
+    if _exporting():
+        # ONNX and torch.export graphs hold standard operators only, which every runtime knows: the
+        # halo form's batched MatMuls rather than the shifted slices of the 'torch' path.
+        return 'halo'
+    if q.dtype not in _KERNEL_DTYPES:
         return 'torch'
     if q.is_cuda:
         use_triton = _TRITON_AVAILABLE and max(q.shape[-1], v_dim) <= 256  # triton_masked.MAX_HEAD_DIM
         return 'triton' if use_triton and q.dtype != torch.float64 else 'torch'
-    if q.device.type != 'cpu' or _exporting():
-        # ONNX and torch.export graphs keep the portable operators, which every runtime knows.
+    if q.device.type != 'cpu':
         return 'torch'
     available, reason = _cpu_kernel_status()
     if available:
@@ -329,10 +457,11 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw, mask
 
     * 'auto': the compiled kernels where they can run: Triton on CUDA when triton is installed,
       the C++ kernel (:mod:`hmait.ops.cpu_kernel`) on CPU when it is built, with one warning per
-      process when it is not. ONNX and ``torch.export`` exports keep the PyTorch path, and under
+      process when it is not. ONNX and ``torch.export`` exports take 'halo', and under
       ``torch.compile`` the CPU kernel is used only if it was loaded before tracing.
       ``HMAIT_MASKED_ATTENTION_BACKEND=torch``, read when hmait is imported, turns 'auto' into 'torch'.
     * 'torch': the portable PyTorch path, the reference of every kernel.
+    * 'halo': tiles with a halo of keys, batched MatMuls in standard operators (what exports hold).
     * 'triton': the fused Triton kernels (CPU tensors only under ``TRITON_INTERPRET=1``).
     * 'cpu': the compiled CPU kernel; an error says why when it is unavailable.
     """
@@ -346,6 +475,8 @@ def _run(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int
     """:func:`masked_attention` on validated arguments through the chosen backend."""
     if backend == 'triton':
         return _triton_local_attention(q, k, v, h, w, mask_size, mode, num_prefix_tokens, scale)
+    if backend == 'halo':
+        return _halo_attention(q, k, v, h, w, mask_size, mode, num_prefix_tokens, scale)
     if backend == 'cpu':
         from .cpu_kernel import masked_attention_cpu
         return masked_attention_cpu(q, k, v, (h, w), mask_size, mode, num_prefix_tokens, scale)
@@ -357,8 +488,11 @@ def _run(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int
 def qkv_heads(qkv: torch.Tensor) -> list[torch.Tensor]:
     """A packed ``(B, N, 3, heads, d)`` projection -> q, k, v as ``(B, heads, N, d)`` views."""
     # Indexed rather than iterated, so that torch.fx can trace it.
-    parts = qkv.unbind(2)
-    return [parts[0].transpose(1, 2), parts[1].transpose(1, 2), parts[2].transpose(1, 2)]
+    # The same views as unbinding dim 2 and transposing each, but an export reads one transpose of qkv
+    # and a split into whole blocks, where three strided splits and three transposes would be copied.
+    b, n, _, heads, d = qkv.shape
+    parts = qkv.reshape(b, n, 3 * heads, d).transpose(1, 2).split(heads, dim=1)
+    return [parts[0], parts[1], parts[2]]
 
 
 def masked_attention_qkv(qkv: torch.Tensor, hw, mask_size: int = 3, mode: str = 'hard',
