@@ -282,10 +282,10 @@ def _halo_indices(h, w, mask_size: int, num_prefix_tokens: int, tile: int, devic
         prefix = torch.arange(p, device=device)
         key_index = torch.cat([key_index, prefix.expand(key_index.shape[0], p)], dim=1)
         allowed = torch.cat([allowed, allowed.new_ones(*allowed.shape[:2], p)], dim=-1)
-    grid = torch.arange(h * w, device=device)
-    rows, cols = grid // w, grid % w
+    # Rows and columns as broadcast aranges: a remainder by a symbolic size does not export.
+    rows, cols = torch.arange(h, device=device)[:, None], torch.arange(w, device=device)[None]
     out_index = ((rows // tile) * tiles_w + cols // tile) * (tile * tile) + (rows % tile) * tile + cols % tile
-    return query_index, key_index, allowed, out_index
+    return query_index, key_index, allowed, out_index.reshape(h * w)
 
 
 # Masked-out logits of the halo path sit this far below the query's own logit (which every query may
@@ -326,11 +326,10 @@ def _halo_attention(q, k, v, h, w, mask_size, mode, num_prefix_tokens, scale, ti
     q_parts, k_parts = [q, _HALO_MARGIN / scale - own_product], [k, torch.ones_like(k[..., :1])]
     if mode == 'hard':
         # Non-neighbours per token (any value for the prefix rows, which are not grid queries).
-        grid = torch.arange(h * w, device=q.device)
-        rows, cols = grid // w, grid % w
+        rows, cols = torch.arange(h, device=q.device)[:, None], torch.arange(w, device=q.device)[None]
         near_rows = (rows + r).clamp(max=h - 1) - (rows - r).clamp(min=0) + 1
         near_cols = (cols + r).clamp(max=w - 1) - (cols - r).clamp(min=0) + 1
-        num_outside = F.pad((h * w - near_rows * near_cols).to(dtype), (p, 0), value=1.)  # (N,)
+        num_outside = F.pad((h * w - near_rows * near_cols).reshape(h * w).to(dtype), (p, 0), value=1.)  # (N,)
         # The extra key: logit log(n_out) through a channel only it has; where there are no
         # non-neighbours it sits margin below, like a masked-out key (and its value is 0 then).
         log_outside = torch.where(num_outside > 0, num_outside.clamp(min=1.).log(), -_HALO_MARGIN) / scale
