@@ -1,0 +1,155 @@
+"""ONNX export of H-MaiT and MaiT models, checked against PyTorch in ONNX Runtime.
+
+The exported graph holds only standard ONNX operators: the masked heads take the 'halo' path of
+:mod:`hmait.ops` (tiles with a gathered key halo, batched MatMuls), which every runtime reads.
+With ``dynamic=True`` the batch, height and width stay symbolic, so one file runs at every input
+size the PyTorch model accepts. ``tools/deploy/export_onnx.py`` is the command line around this.
+onnx, onnxscript and onnxruntime are imported only here, when an export is asked for.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+# torch.export fixes sizes of 0 and 1 to constants, so a dynamic export traces a batch of at least 2.
+_MIN_DYNAMIC_BATCH = 2
+_MAX_SIDE = 16384
+
+
+def build_model(source: str, checkpoint: str | None = None, features: bool = False) -> nn.Module:
+    """The model to export, in eval mode: a timm model name or a config file, and optional weights.
+
+    ``source`` is a registered timm model (``hmait_tiny``, ``mait_small``, ...; ``features=True``
+    builds it with ``features_only``), a classification config (``model.model_name``), or an mmdet /
+    mmseg config whose ``model.backbone`` is an ``HMaiT``, whose backbone is exported. ``checkpoint``
+    (``.pth``, mmengine or bare state dict; ``backbone.`` keys are taken from a detector's) must
+    fit the model exactly.
+    """
+    import timm
+
+    import hmait  # noqa: F401  (registers the hmait_* and mait_* timm models)
+    from .analysis.tooling import load_checkpoint_strict, model_from_config
+
+    if source.endswith('.py'):
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f'config {source!r} does not exist')
+        from mmengine.config import Config
+        cfg = Config.fromfile(source)
+        backbone = (cfg.get('model') or {}).get('backbone')
+        if isinstance(backbone, dict):
+            if backbone.get('type') != 'HMaiT':
+                raise ValueError(f"config {source!r}: model.backbone type must be 'HMaiT' to export the backbone, "
+                                 f"got {backbone.get('type')!r}")
+            from .models import HMaiT
+            kwargs = {k: v for k, v in backbone.items() if k not in ('type', 'init_cfg', 'pretrained')}
+            model = HMaiT(**kwargs)
+        else:
+            model, _ = model_from_config(cfg)
+            if features:
+                raise ValueError('--features applies to timm model names; a classification config exports '
+                                 'its classifier, and a detection or segmentation config its backbone')
+    elif timm.is_model(source):
+        model = timm.create_model(source, features_only=features) if features else timm.create_model(source)
+    else:
+        raise ValueError(f'{source!r} is neither a config file (.py) nor a timm model; H-MaiT and MaiT models: '
+                         f"{timm.list_models('*mait*')}")
+    if checkpoint is not None:
+        if not os.path.isfile(checkpoint):
+            raise FileNotFoundError(f'checkpoint {checkpoint!r} does not exist')
+        load_checkpoint_strict(model, checkpoint)
+    return model.eval()
+
+
+def output_names(outputs) -> list[str]:
+    """``logits`` for one tensor, ``out0``, ``out1``, ... for a tuple or list of maps."""
+    return ['logits'] if isinstance(outputs, torch.Tensor) else [f'out{i}' for i in range(len(outputs))]
+
+
+def export_onnx(model: nn.Module, path: str, image: torch.Tensor, dynamic: bool = False,
+                opset: int | None = None) -> list[str]:
+    """Export ``model`` with ``torch.onnx.export(..., dynamo=True)``; returns the output names.
+
+    image: an example ``(B, C, H, W)`` batch. ``dynamic`` makes batch, height and width symbolic
+    (input name ``image``); the example batch is repeated to 2 where it is 1, since torch.export
+    would otherwise fix it. ``opset``: the ONNX opset (default: the exporter's).
+    """
+    if image.dim() != 4:
+        raise ValueError(f'image must have shape (B, C, H, W), got {tuple(image.shape)}')
+    if dynamic and image.shape[0] < _MIN_DYNAMIC_BATCH:
+        image = image.expand(_MIN_DYNAMIC_BATCH, -1, -1, -1).contiguous()
+    with torch.no_grad():
+        names = output_names(model(image))
+    kwargs = {}
+    if dynamic:
+        dim = torch.export.Dim
+        kwargs['dynamic_shapes'] = ({0: dim('batch', min=1, max=4096), 2: dim('height', min=1, max=_MAX_SIDE),
+                                     3: dim('width', min=1, max=_MAX_SIDE)},)
+    if opset is not None:
+        kwargs['opset_version'] = opset
+    with torch.no_grad():
+        torch.onnx.export(model, (image,), path, input_names=['image'], output_names=names, dynamo=True,
+                          **kwargs)
+    return names
+
+
+def onnxruntime_session(path: str, threads: int | None = None):
+    """A plain ONNX Runtime CPU session of ``path`` (``threads``: intra-op threads, default torch's)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+
+
+@dataclass
+class Check:
+    """ONNX Runtime against PyTorch on one input."""
+    shape: tuple[int, ...]
+    max_abs_diff: float                # over every output
+    torch_images_per_s: float
+    onnxruntime_images_per_s: float
+
+
+def check_against_torch(model: nn.Module, session, image: torch.Tensor, repeats: int = 3) -> Check:
+    """Run ``image`` through both, compare every output and time them alternately (median of repeats)."""
+    with torch.inference_mode():
+        expected = model(image)
+    expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
+    feed = {session.get_inputs()[0].name: image.numpy()}
+    got = session.run(None, feed)
+    if len(got) != len(expected):
+        raise RuntimeError(f'ONNX Runtime returned {len(got)} outputs, PyTorch {len(expected)}')
+    diff = 0.
+    for i, (g, e) in enumerate(zip(got, expected)):
+        if tuple(g.shape) != tuple(e.shape):
+            raise RuntimeError(f'output {i}: ONNX Runtime shape {tuple(g.shape)}, PyTorch {tuple(e.shape)}')
+        diff = max(diff, float((torch.from_numpy(g) - e).abs().max()))
+    torch_s, ort_s = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model(image)
+        torch_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        session.run(None, feed)
+        ort_s.append(time.perf_counter() - start)
+    batch = image.shape[0]
+    return Check(tuple(image.shape), diff, batch / statistics.median(torch_s), batch / statistics.median(ort_s))
+
+
+def parse_shapes(values: Sequence[str]) -> list[tuple[int, int]]:
+    """``['224x224', '256x320']`` -> ``[(224, 224), (256, 320)]``, with an error naming a bad entry."""
+    shapes = []
+    for value in values:
+        parts = value.lower().split('x')
+        if len(parts) != 2 or not all(p.isdigit() and 0 < int(p) <= _MAX_SIDE for p in parts):
+            raise ValueError(f'shape {value!r} must be HEIGHTxWIDTH with sides in [1, {_MAX_SIDE}], e.g. 224x224')
+        shapes.append((int(parts[0]), int(parts[1])))
+    return shapes

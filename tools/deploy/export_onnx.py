@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""Export an H-MaiT or MaiT model to ONNX and check it in ONNX Runtime against PyTorch.
+
+    python tools/deploy/export_onnx.py CONFIG_OR_MODEL [CHECKPOINT] --out FILE [--dynamic] [--opset N]
+                                       [--shape H W] [--batch N] [--features] [--check-shapes HxW ...]
+                                       [--threads N] [--atol X]
+
+CONFIG_OR_MODEL is a timm model name (``hmait_tiny``; with ``--features`` its multi-scale maps), a
+classification config, or a detection / segmentation config whose backbone is exported. The graph
+holds standard ONNX operators only. ``--dynamic`` keeps batch, height and width symbolic: one file
+for every input size. After exporting, a random input goes through ONNX Runtime and PyTorch (at
+``--shape``, and with ``--dynamic`` also at every ``--check-shapes`` size); the tool prints the
+largest difference and both throughputs, and exits with status 1 when a difference exceeds --atol.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('source', metavar='CONFIG_OR_MODEL', help='timm model name or config file')
+    parser.add_argument('checkpoint', nargs='?', help='weights to load (default: the fresh initialisation)')
+    parser.add_argument('--out', required=True, help='the .onnx file to write')
+    parser.add_argument('--dynamic', action='store_true', help='symbolic batch, height and width')
+    parser.add_argument('--opset', type=int, help="ONNX opset (default: the exporter's)")
+    parser.add_argument('--shape', type=int, nargs=2, default=(224, 224), metavar=('H', 'W'),
+                        help='example input height and width (default 224 224)')
+    parser.add_argument('--batch', type=int, default=1, help='example batch (default 1)')
+    parser.add_argument('--features', action='store_true', help="a timm model's multi-scale maps (features_only)")
+    parser.add_argument('--check-shapes', nargs='+', default=['256x320', '384x384'], metavar='HxW',
+                        help='with --dynamic, more input sizes to check (default 256x320 384x384)')
+    parser.add_argument('--threads', type=int, help='threads for PyTorch and ONNX Runtime (default: torch\'s)')
+    parser.add_argument('--atol', type=float, default=1e-3, help='largest allowed difference (default 1e-3)')
+    args = parser.parse_args(argv)
+    for name in ('batch', 'threads', 'opset'):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f'--{name} must be a positive integer, got {value}')
+    if min(args.shape) < 1:
+        parser.error(f'--shape must be two positive sizes, got {args.shape}')
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from hmait.deploy import build_model, check_against_torch, export_onnx, onnxruntime_session, parse_shapes
+
+    try:
+        extra = parse_shapes(args.check_shapes) if args.dynamic else []
+        model = build_model(args.source, args.checkpoint, args.features)
+    except (ValueError, FileNotFoundError) as err:
+        print(f'export_onnx: error: {err}', file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    channels = getattr(model, 'in_channels', 3)
+    image = torch.randn(args.batch, channels, *args.shape, generator=gen)
+    try:
+        names = export_onnx(model, str(out), image, dynamic=args.dynamic, opset=args.opset)
+    except Exception as err:  # the exporter raises many types; the user needs the reason, not the trace
+        print(f'export_onnx: error: torch.onnx.export of {args.source} failed: {type(err).__name__}: '
+              f'{str(err).strip().splitlines()[0] if str(err).strip() else ""}\n'
+              'It needs onnx and onnxscript (both in the lock); a model with soft masking exports its global '
+              'attention, which is large at big inputs; try without --dynamic or another --opset.', file=sys.stderr)
+        return 1
+    data = out.with_name(out.name + '.data')  # the exporter keeps large weights beside the graph
+    stored = f' and {data} ({data.stat().st_size / 2 ** 20:.1f} MiB, keep them together)' if data.is_file() else ''
+    print(f'wrote {out} ({out.stat().st_size / 2 ** 20:.1f} MiB){stored}, outputs {", ".join(names)}'
+          + (', dynamic batch, height and width' if args.dynamic else ''))
+    session = onnxruntime_session(str(out), args.threads)
+    shapes = [(args.batch, *args.shape)] + [(args.batch, h, w) for h, w in extra]
+    print('| input | max abs diff | PyTorch img/s | ONNX Runtime img/s | ONNX Runtime / PyTorch |')
+    print('|---|---:|---:|---:|---:|')
+    worst = 0.
+    for b, h, w in shapes:
+        check = check_against_torch(model, session, torch.randn(b, channels, h, w, generator=gen))
+        worst = max(worst, check.max_abs_diff)
+        print(f'| {b}x{channels}x{h}x{w} | {check.max_abs_diff:.2e} | {check.torch_images_per_s:.2f} | '
+              f'{check.onnxruntime_images_per_s:.2f} | {check.onnxruntime_images_per_s / check.torch_images_per_s:.2f} |')
+    if worst > args.atol:
+        print(f'export_onnx: error: ONNX Runtime differs from PyTorch by {worst:.2e} > --atol {args.atol}',
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
