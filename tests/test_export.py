@@ -1,7 +1,13 @@
-"""The blocks trace into one graph for torch.compile, and the backbone exports to ONNX for inference."""
+"""The blocks trace into one graph for torch.compile, and the backbone exports to ONNX for inference:
+few batched operators per masked head, and one file for every input size."""
+import collections
+
 import numpy as np
 import pytest
+import timm
 import torch
+
+from hmait.deploy import export_onnx, onnxruntime_session
 
 from hmait.models import HMaiT, MaskedAttentionBlock
 
@@ -69,3 +75,72 @@ def test_backbone_exports_to_onnx_and_matches_onnxruntime(tmp_path):
     for name, got, want in zip(names, outputs, expected):
         assert got.shape == tuple(want.shape), name
         np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def _op_counts(path) -> collections.Counter:
+    onnx = pytest.importorskip('onnx')
+    return collections.Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+
+
+@pytest.mark.parametrize('mode', ['hard', 'strict'])
+def test_exported_masked_heads_are_a_few_batched_operators(tmp_path, mode):
+    """One softmax per head group, four gathers per masked head group and no slice per offset: the
+    portable path's graph held nine shifted slices of k and v per masked block."""
+    pytest.importorskip('onnxscript')
+    torch.manual_seed(0)
+    model = HMaiT(mask_mode=mode, **SMALL).eval()
+    path = tmp_path / 'hmait.onnx'
+    export_onnx(model, str(path), torch.randn(1, 3, 64, 96))
+    ops = _op_counts(path)
+    masked_blocks = sum(1 for m in SMALL['masked_heads'] if m)                         # stages 1-3
+    global_blocks = sum(1 for m, h in zip(SMALL['masked_heads'], SMALL['num_heads']) if m < h)  # 1, 3, 4
+    assert ops['Softmax'] == masked_blocks + global_blocks
+    assert ops['Gather'] == 4 * masked_blocks          # queries, keys, values, and back to the grid
+    # Hard mode reads its extra key's weight with one slice per masked block; strict mode has none.
+    assert ops['Slice'] == (masked_blocks if mode == 'hard' else 0)
+    assert ops['Where'] == 0                           # the mask is a product, not a select
+
+
+def _max_diff(got, expected) -> float:
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert g.shape == tuple(e.shape)
+    return max(float(np.abs(g - e.numpy()).max()) for g, e in zip(got, expected))
+
+
+def test_dynamic_classifier_export_runs_at_every_size(tmp_path):
+    """One export with symbolic batch, height and width, run at square, non-square and sizes that are
+    not multiples of 32, against eager PyTorch."""
+    pytest.importorskip('onnxscript')
+    torch.manual_seed(0)
+    model = timm.create_model('hmait_tiny', num_classes=10, embed_dims=16, depths=(1, 1, 1, 1),
+                              num_heads=(2, 2, 4, 4), masked_heads=(1, 2, 2, 0), drop_path_rate=0.).eval()
+    path = tmp_path / 'classifier.onnx'
+    assert export_onnx(model, str(path), torch.randn(1, 3, 224, 224), dynamic=True) == ['logits']
+    session = onnxruntime_session(str(path))
+    for shape in [(1, 3, 224, 224), (2, 3, 256, 320), (1, 3, 384, 384), (3, 3, 100, 150), (1, 3, 33, 47)]:
+        image = torch.randn(*shape)
+        with torch.no_grad():
+            expected = model(image)
+        got = session.run(None, {'image': image.numpy()})
+        assert got[0].shape == (shape[0], 10)
+        assert _max_diff(got, [expected]) < 1e-4, shape
+
+
+def test_dynamic_backbone_export_runs_at_detection_sizes(tmp_path):
+    """The backbone's four maps from one dynamic export, at mmdet's and mmseg's input sizes."""
+    pytest.importorskip('onnxscript')
+    torch.manual_seed(0)
+    # Stages 1-2 fully masked, as in the paper, so that 800x1344 stays cheap for eager PyTorch too.
+    model = HMaiT(embed_dims=16, depths=(1, 1, 1, 1), num_heads=(2, 2, 4, 4), masked_heads=(2, 2, 2, 0),
+                  drop_path_rate=0.).eval()
+    path = tmp_path / 'backbone.onnx'
+    assert export_onnx(model, str(path), torch.randn(2, 3, 512, 512), dynamic=True) == [f'out{i}' for i in range(4)]
+    session = onnxruntime_session(str(path))
+    for shape in [(1, 3, 800, 1344), (2, 3, 512, 512), (1, 3, 600, 1000)]:
+        image = torch.randn(*shape)
+        with torch.no_grad():
+            expected = model(image)
+        got = session.run(None, {'image': image.numpy()})
+        assert got[0].shape == (shape[0], 16, -(-shape[2] // 4), -(-shape[3] // 4))
+        assert _max_diff(got, expected) < 1e-3, shape

@@ -186,3 +186,56 @@ def test_bad_shapes_raise_value_error():
         masked_attention(q[0], q[0], q[0], (3, 4))
     with pytest.raises(ValueError, match='q, k, v must share'):
         masked_attention(q, q[:, :1], q, (3, 4))
+
+
+# Grids spanning several halo tiles (of side 3 here, so that small grids have many), with tiles cut
+# by the border, a grid smaller than a tile and a grid smaller than the mask.
+HALO_GRIDS = [(8, 13, 0), (7, 7, 2), (9, 3, 1), (2, 5, 0), (1, 1, 1), (4, 4, 0)]
+
+
+@pytest.mark.parametrize('mode', ['hard', 'strict'])
+@pytest.mark.parametrize('h,w,p', HALO_GRIDS)
+@pytest.mark.parametrize('mask_size', [3, 5])
+def test_halo_path_and_gradients_match_dense_reference(monkeypatch, mode, h, w, p, mask_size):
+    ops = importlib.import_module('hmait.ops.masked_attention')
+    monkeypatch.setattr(ops, 'HALO_TILE', 3)
+    q, k, v = [t.requires_grad_(True) for t in _qkv(2, 3, p + h * w, 4)]
+    fast = masked_attention(q, k, v, (h, w), mask_size, mode, None, p, backend='halo')
+    ref = dense_masked_attention(q, k, v, (h, w), mask_size, mode, None, p)
+    assert fast.shape == ref.shape
+    assert torch.allclose(fast, ref, atol=1e-12, rtol=0)
+    grads = torch.autograd.grad(fast.sin().sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.sin().sum(), (q, k, v))
+    for g, rg in zip(grads, ref_grads):
+        assert torch.allclose(g, rg, atol=1e-10, rtol=0)
+
+
+def test_halo_path_with_the_default_tile_matches_dense_reference():
+    # 16x15 with tiles of 7: three by three tiles, the last ones cut by the border.
+    q, k, v = _qkv(1, 2, 1 + 16 * 15, 8)
+    for mode in ('hard', 'strict'):
+        fast = masked_attention(q, k, v, (16, 15), 3, mode, None, 1, backend='halo')
+        assert torch.allclose(fast, dense_masked_attention(q, k, v, (16, 15), 3, mode, None, 1), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('mode', ['hard', 'strict'])
+def test_halo_path_half_precision_is_finite_and_close_to_float64(dtype, mode):
+    # Logits beyond 1e3: the masked-out keys sit a fixed margin below the query's own logit, which
+    # must hold however large the logits are.
+    g = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(1, 2, 1 + 64, 8, generator=g) * 40 for _ in range(2))
+    v = torch.randn(1, 2, 1 + 64, 8, generator=g)
+    assert ((q @ k.transpose(-2, -1)) / 8 ** 0.5).abs().max() > 1e3
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    out = masked_attention(q, k, v, (8, 8), 3, mode, None, 1, backend='halo')
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    ref = dense_masked_attention(q.double(), k.double(), v.double(), (8, 8), 3, mode, None, 1)
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    assert (out.double() - ref).abs().max() < tol * 8
+
+
+def test_halo_path_rejects_soft_mode():
+    q, k, v = _qkv(1, 1, 4, 2)
+    with pytest.raises(ValueError, match="backend='halo' implements mode 'hard' and 'strict'"):
+        masked_attention(q, k, v, (2, 2), 3, 'soft', torch.tensor([0.5], dtype=torch.float64), backend='halo')
