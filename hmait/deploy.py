@@ -17,8 +17,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-# torch.export fixes sizes of 0 and 1 to constants, so a dynamic export traces a batch of at least 2.
+from .ops.masked_attention import HALO_TILE
+
+# torch.export fixes sizes of 0 and 1 to constants, so a dynamic export traces a batch of at least 2,
+# and images of at least 448 px: then every stage of a stride-32 model has at least two halo tiles per
+# side (at one tile, the tile count would be fixed to 1 and the file would fail at larger inputs).
 _MIN_DYNAMIC_BATCH = 2
+_MIN_DYNAMIC_SIDE = 2 * HALO_TILE * 32
 _MAX_SIDE = 16384
 
 
@@ -76,13 +81,17 @@ def export_onnx(model: nn.Module, path: str, image: torch.Tensor, dynamic: bool 
     """Export ``model`` with ``torch.onnx.export(..., dynamo=True)``; returns the output names.
 
     image: an example ``(B, C, H, W)`` batch. ``dynamic`` makes batch, height and width symbolic
-    (input name ``image``); the example batch is repeated to 2 where it is 1, since torch.export
-    would otherwise fix it. ``opset``: the ONNX opset (default: the exporter's).
+    (input name ``image``); the trace then runs on a random batch of at least 2 images of at least
+    448 px, since torch.export would fix sizes of 1 (a batch, or a stage's count of halo tiles) to
+    constants. ``opset``: the ONNX opset (default: the exporter's).
     """
     if image.dim() != 4:
         raise ValueError(f'image must have shape (B, C, H, W), got {tuple(image.shape)}')
-    if dynamic and image.shape[0] < _MIN_DYNAMIC_BATCH:
-        image = image.expand(_MIN_DYNAMIC_BATCH, -1, -1, -1).contiguous()
+    if dynamic:
+        # Only the shapes are traced, so a larger random example stands in for a small one.
+        b, c, h, w = image.shape
+        image = torch.randn(max(b, _MIN_DYNAMIC_BATCH), c, max(h, _MIN_DYNAMIC_SIDE), max(w, _MIN_DYNAMIC_SIDE),
+                            dtype=image.dtype)
     with torch.no_grad():
         names = output_names(model(image))
     kwargs = {}

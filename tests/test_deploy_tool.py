@@ -1,0 +1,59 @@
+"""tools/deploy/export_onnx.py: exports, checks against PyTorch in ONNX Runtime, and names what is wrong."""
+import pytest
+import torch
+
+from dense_helpers import REPO, python, run_tool, tool
+
+DEMO_CONFIG = str(REPO / 'configs' / 'hmait_t_demo.py')
+
+
+def test_export_tool_writes_a_dynamic_model_and_checks_it(tmp_path):
+    pytest.importorskip('onnxscript')
+    pytest.importorskip('onnxruntime')
+    from hmait.analysis.tooling import model_from_config
+    torch.manual_seed(0)
+    model, _ = model_from_config(DEMO_CONFIG)
+    checkpoint = tmp_path / 'demo.pth'
+    torch.save(dict(state_dict={f'backbone.{k}': v for k, v in model.state_dict().items()}), checkpoint)
+    out = tmp_path / 'deploy' / 'demo.onnx'
+    proc = run_tool([python(), tool('deploy/export_onnx.py'), DEMO_CONFIG, str(checkpoint), '--out', str(out),
+                     '--dynamic', '--shape', '64', '64', '--check-shapes', '96x128', '40x72'], timeout=600)
+    assert out.is_file()
+    assert 'dynamic batch, height and width' in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith('| 1x3x')]
+    assert [row.split('|')[1].strip() for row in rows] == ['1x3x64x64', '1x3x96x128', '1x3x40x72']
+    for row in rows:
+        assert float(row.split('|')[2]) < 1e-3  # max abs diff
+
+    # The exported file holds the checkpoint's weights: ONNX Runtime agrees with the loaded model.
+    from hmait.deploy import onnxruntime_session
+    image = torch.randn(2, 3, 80, 64)
+    with torch.no_grad():
+        expected = model.eval()(image)
+    got = onnxruntime_session(str(out)).run(None, {'image': image.numpy()})[0]
+    assert abs(torch.from_numpy(got) - expected).max() < 1e-3
+
+
+@pytest.mark.parametrize('args,message', [
+    (['no_such_model'], "'no_such_model' is neither a config file (.py) nor a timm model"),
+    (['configs/missing.py'], "config 'configs/missing.py' does not exist"),
+    ([DEMO_CONFIG, 'missing.pth'], "checkpoint 'missing.pth' does not exist"),
+    (['hmait_tiny', '--dynamic', '--check-shapes', '224'], "shape '224' must be HEIGHTxWIDTH"),
+])
+def test_export_tool_names_bad_input(tmp_path, args, message):
+    proc = run_tool([python(), tool('deploy/export_onnx.py'), *args, '--out', str(tmp_path / 'x.onnx')], check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert not (tmp_path / 'x.onnx').exists()
+
+
+def test_export_tool_rejects_a_checkpoint_of_another_architecture(tmp_path):
+    import timm
+
+    import hmait  # noqa: F401
+    checkpoint = tmp_path / 'other.pth'
+    torch.save(timm.create_model('hmait_tiny', num_classes=3, depths=(1, 1, 1, 1)).state_dict(), checkpoint)
+    proc = run_tool([python(), tool('deploy/export_onnx.py'), DEMO_CONFIG, str(checkpoint), '--out',
+                     str(tmp_path / 'x.onnx')], check=False)
+    assert proc.returncode == 2
+    assert f'checkpoint {checkpoint} does not fit the model' in proc.stderr
