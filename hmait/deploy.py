@@ -107,6 +107,15 @@ def export_onnx(model: nn.Module, path: str, image: torch.Tensor, dynamic: bool 
     return names
 
 
+def quantize_int8(path: str, out: str) -> str:
+    """ONNX Runtime's dynamic int8 quantization of ``path`` (int8 weights of MatMul/Gemm, activations
+    quantized per call) into ``out``; returns ``out``."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(path, out, weight_type=QuantType.QInt8)
+    return out
+
+
 def onnxruntime_session(path: str, threads: int | None = None):
     """A plain ONNX Runtime CPU session of ``path`` (``threads``: intra-op threads, default torch's)."""
     import onnxruntime as ort

@@ -17,13 +17,17 @@ def test_export_tool_writes_a_dynamic_model_and_checks_it(tmp_path):
     torch.save(dict(state_dict={f'backbone.{k}': v for k, v in model.state_dict().items()}), checkpoint)
     out = tmp_path / 'deploy' / 'demo.onnx'
     proc = run_tool([python(), tool('deploy/export_onnx.py'), DEMO_CONFIG, str(checkpoint), '--out', str(out),
-                     '--dynamic', '--shape', '64', '64', '--check-shapes', '96x128', '40x72'], timeout=600)
+                     '--dynamic', '--shape', '64', '64', '--check-shapes', '96x128', '40x72', '--int8'], timeout=600)
     assert out.is_file()
     assert 'dynamic batch, height and width' in proc.stdout
-    rows = [line for line in proc.stdout.splitlines() if line.startswith('| 1x3x')]
-    assert [row.split('|')[1].strip() for row in rows] == ['1x3x64x64', '1x3x96x128', '1x3x40x72']
+    assert (tmp_path / 'deploy' / 'demo.int8.onnx').is_file()
+    rows = [[cell.strip() for cell in line.split('|')[1:-1]] for line in proc.stdout.splitlines()
+            if line.startswith(('| fp32 |', '| int8 |'))]
+    sizes = ['1x3x64x64', '1x3x96x128', '1x3x40x72']
+    assert [(row[0], row[1]) for row in rows] == [('fp32', s) for s in sizes] + [('int8', s) for s in sizes]
     for row in rows:
-        assert float(row.split('|')[2]) < 1e-3  # max abs diff
+        diff = float(row[2])
+        assert diff < 1e-3 if row[0] == 'fp32' else 0 < diff < 1.  # int8 is close but not exact
 
     # The exported file holds the checkpoint's weights: ONNX Runtime agrees with the loaded model.
     from hmait.deploy import onnxruntime_session

@@ -3,7 +3,7 @@
 
     python tools/deploy/export_onnx.py CONFIG_OR_MODEL [CHECKPOINT] --out FILE [--dynamic] [--opset N]
                                        [--shape H W] [--batch N] [--features] [--check-shapes HxW ...]
-                                       [--threads N] [--atol X]
+                                       [--threads N] [--atol X] [--int8]
 
 CONFIG_OR_MODEL is a timm model name (``hmait_tiny``; with ``--features`` its multi-scale maps), a
 classification config, or a detection / segmentation config whose backbone is exported. The graph
@@ -11,6 +11,8 @@ holds standard ONNX operators only. ``--dynamic`` keeps batch, height and width 
 for every input size. After exporting, a random input goes through ONNX Runtime and PyTorch (at
 ``--shape``, and with ``--dynamic`` also at every ``--check-shapes`` size); the tool prints the
 largest difference and both throughputs, and exits with status 1 when a difference exceeds --atol.
+``--int8`` also writes FILE with ``.int8.onnx`` for ``.onnx``: ONNX Runtime's dynamic int8
+quantization, checked the same way (its difference is reported, not held to --atol).
 """
 import argparse
 import sys
@@ -34,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='with --dynamic, more input sizes to check (default 256x320 384x384)')
     parser.add_argument('--threads', type=int, help='threads for PyTorch and ONNX Runtime (default: torch\'s)')
     parser.add_argument('--atol', type=float, default=1e-3, help='largest allowed difference (default 1e-3)')
+    parser.add_argument('--int8', action='store_true', help="also write ONNX Runtime's dynamic int8 quantization")
     args = parser.parse_args(argv)
     for name in ('batch', 'threads', 'opset'):
         value = getattr(args, name)
@@ -48,7 +51,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from hmait.deploy import build_model, check_against_torch, export_onnx, onnxruntime_session, parse_shapes
+    from hmait.deploy import (build_model, check_against_torch, export_onnx, onnxruntime_session, parse_shapes,
+                              quantize_int8)
 
     try:
         extra = parse_shapes(args.check_shapes) if args.dynamic else []
@@ -75,16 +79,25 @@ def main(argv=None) -> int:
     stored = f' and {data} ({data.stat().st_size / 2 ** 20:.1f} MiB, keep them together)' if data.is_file() else ''
     print(f'wrote {out} ({out.stat().st_size / 2 ** 20:.1f} MiB){stored}, outputs {", ".join(names)}'
           + (', dynamic batch, height and width' if args.dynamic else ''))
-    session = onnxruntime_session(str(out), args.threads)
+    files = [('fp32', out)]
+    if args.int8:
+        int8 = out.with_name(out.name[:-len('.onnx')] + '.int8.onnx' if out.name.endswith('.onnx') else out.name + '.int8')
+        quantize_int8(str(out), str(int8))
+        print(f'wrote {int8} (dynamic int8 quantization, {int8.stat().st_size / 2 ** 20:.1f} MiB)')
+        files.append(('int8', int8))
     shapes = [(args.batch, *args.shape)] + [(args.batch, h, w) for h, w in extra]
-    print('| input | max abs diff | PyTorch img/s | ONNX Runtime img/s | ONNX Runtime / PyTorch |')
-    print('|---|---:|---:|---:|---:|')
+    print('| file | input | max abs diff | PyTorch img/s | ONNX Runtime img/s | ONNX Runtime / PyTorch |')
+    print('|---|---|---:|---:|---:|---:|')
     worst = 0.
-    for b, h, w in shapes:
-        check = check_against_torch(model, session, torch.randn(b, channels, h, w, generator=gen))
-        worst = max(worst, check.max_abs_diff)
-        print(f'| {b}x{channels}x{h}x{w} | {check.max_abs_diff:.2e} | {check.torch_images_per_s:.2f} | '
-              f'{check.onnxruntime_images_per_s:.2f} | {check.onnxruntime_images_per_s / check.torch_images_per_s:.2f} |')
+    for kind, path in files:
+        session = onnxruntime_session(str(path), args.threads)
+        for b, h, w in shapes:
+            check = check_against_torch(model, session, torch.randn(b, channels, h, w, generator=gen))
+            if kind == 'fp32':
+                worst = max(worst, check.max_abs_diff)
+            print(f'| {kind} | {b}x{channels}x{h}x{w} | {check.max_abs_diff:.2e} | {check.torch_images_per_s:.2f} | '
+                  f'{check.onnxruntime_images_per_s:.2f} | '
+                  f'{check.onnxruntime_images_per_s / check.torch_images_per_s:.2f} |')
     if worst > args.atol:
         print(f'export_onnx: error: ONNX Runtime differs from PyTorch by {worst:.2e} > --atol {args.atol}',
               file=sys.stderr)
