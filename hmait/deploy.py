@@ -39,6 +39,7 @@ def build_model(source: str, checkpoint: str | None = None, features: bool = Fal
     import timm
 
     import hmait  # noqa: F401  (registers the hmait_* and mait_* timm models)
+
     from .analysis.tooling import load_checkpoint_strict, model_from_config
 
     if source.endswith('.py'):

@@ -8,7 +8,6 @@ import timm
 import torch
 
 from hmait.deploy import export_onnx, onnxruntime_session
-
 from hmait.models import HMaiT, MaskedAttentionBlock
 
 # A small backbone: every stage has masked heads next to global ones except the last (as in the paper).

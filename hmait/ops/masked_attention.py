@@ -106,6 +106,12 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
 
+def _in_compute_dtype(q, k, v, scale):
+    """q, k, v in the compute dtype, and the logit scale (``1/sqrt(d)`` unless given)."""
+    dtype = _compute_dtype(q)
+    return q.to(dtype), k.to(dtype), v.to(dtype), (q.shape[-1] ** -0.5 if scale is None else scale)
+
+
 def dense_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw, mask_size: int = 3,
                            mode: str = 'hard', alpha: torch.Tensor | None = None,
                            num_prefix_tokens: int = 0, scale: float | None = None) -> torch.Tensor:
@@ -182,11 +188,10 @@ def _local_grid_attention(q, k, v, h, w, mask_size, mode, num_prefix_tokens, sca
     ``sum_j (w_j - c) v_j + c * sum_all v`` over the neighbours j alone (padding has v = 0).
     """
     out_dtype = q.dtype
-    dtype = _compute_dtype(q)
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    q, k, v, scale = _in_compute_dtype(q, k, v, scale)
+    dtype = q.dtype
     b, heads, n, d = q.shape
     p, r = num_prefix_tokens, mask_size // 2
-    scale = d ** -0.5 if scale is None else scale
 
     q_grid = q[:, :, p:].reshape(b, heads, h, w, d) * scale
     k_pad = F.pad(k[:, :, p:].reshape(b, heads, h, w, d), (0, 0, r, r, r, r))
@@ -310,11 +315,10 @@ def _halo_attention(q, k, v, h, w, mask_size, mode, num_prefix_tokens, scale, ti
     """
     tile = HALO_TILE if tile is None else tile
     out_dtype = q.dtype
-    dtype = _compute_dtype(q)
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    q, k, v, scale = _in_compute_dtype(q, k, v, scale)
+    dtype = q.dtype
     b, heads, n, d = q.shape
     p, r = num_prefix_tokens, mask_size // 2
-    scale = d ** -0.5 if scale is None else scale
     query_index, key_index, allowed, out_index = _halo_indices(h, w, mask_size, p, tile, q.device)
     num_tiles = query_index.shape[0]
 
@@ -346,7 +350,8 @@ def _halo_attention(q, k, v, h, w, mask_size, mode, num_prefix_tokens, scale, ti
         extra_key = torch.cat([torch.zeros_like(k[:, :, :1]), torch.ones_like(k_aug[:, :, :1, d:])], dim=-1)
         k_aug, v = torch.cat([k_aug, extra_key], dim=2), F.pad(v, (0, 0, 0, 1))
     k_halo, v_halo = gather(k_aug, key_index), gather(v, key_index)                    # (B, heads, T, S, .)
-    attn = ((q_tiles @ k_halo.transpose(-2, -1)) * (allowed.to(dtype) * scale)).softmax(dim=-1)  # (B, heads, T, tile^2, S)
+    logits = (q_tiles @ k_halo.transpose(-2, -1)) * (allowed.to(dtype) * scale)      # (B, heads, T, tile^2, S)
+    attn = logits.softmax(dim=-1)
     out = attn @ v_halo                                                                 # (B, heads, T, tile^2, dv)
     if mode == 'hard':
         # Each non-neighbour's value, on average: the total value sum less the neighbours'.

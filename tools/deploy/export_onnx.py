@@ -11,7 +11,7 @@ holds standard ONNX operators only. ``--dynamic`` keeps batch, height and width 
 for every input size. After exporting, a random input goes through ONNX Runtime and PyTorch (at
 ``--shape``, and with ``--dynamic`` also at every ``--check-shapes`` size); the tool prints the
 largest difference and both throughputs, and exits with status 1 when a difference exceeds --atol.
-``--int8`` also writes FILE with ``.int8.onnx`` for ``.onnx``: ONNX Runtime's dynamic int8
+``--int8`` also writes FILE with ``.onnx`` replaced by ``.int8.onnx``: ONNX Runtime's dynamic int8
 quantization, checked the same way (its difference is reported, not held to --atol).
 """
 import argparse
@@ -51,8 +51,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from hmait.deploy import (build_model, check_against_torch, export_onnx, onnxruntime_session, parse_shapes,
-                              quantize_int8)
+    from hmait.deploy import (
+        build_model,
+        check_against_torch,
+        export_onnx,
+        onnxruntime_session,
+        parse_shapes,
+        quantize_int8,
+    )
 
     try:
         extra = parse_shapes(args.check_shapes) if args.dynamic else []
@@ -81,7 +87,8 @@ def main(argv=None) -> int:
           + (', dynamic batch, height and width' if args.dynamic else ''))
     files = [('fp32', out)]
     if args.int8:
-        int8 = out.with_name(out.name[:-len('.onnx')] + '.int8.onnx' if out.name.endswith('.onnx') else out.name + '.int8')
+        stem = out.name[:-len('.onnx')] if out.name.endswith('.onnx') else out.name
+        int8 = out.with_name(stem + '.int8.onnx')
         quantize_int8(str(out), str(int8))
         print(f'wrote {int8} (dynamic int8 quantization, {int8.stat().st_size / 2 ** 20:.1f} MiB)')
         files.append(('int8', int8))
