@@ -163,6 +163,30 @@ def check_against_torch(model: nn.Module, session, image: torch.Tensor, repeats:
     return Check(tuple(image.shape), diff, batch / statistics.median(torch_s), batch / statistics.median(ort_s))
 
 
+def top1_accuracy(predict, loader) -> float:
+    """Top-1 accuracy (%) of ``predict`` (an ``(B, C, H, W)`` float tensor -> logits array or tensor)
+    over ``loader``'s ``(images, labels)`` batches."""
+    correct = total = 0
+    for images, labels in loader:
+        logits = torch.as_tensor(predict(images))
+        correct += int((logits.argmax(-1) == labels).sum())
+        total += len(labels)
+    return 100. * correct / max(total, 1)
+
+
+def session_predictor(session, batch: int | None = None):
+    """``images -> logits`` through ``session``; ``batch`` for a file fixed to one batch size, which
+    a smaller last batch is padded to (repeating its last image) and cut back from."""
+    name = session.get_inputs()[0].name
+
+    def predict(images: torch.Tensor):
+        count = len(images)
+        if batch is not None and count < batch:
+            images = torch.cat([images, images[-1:].expand(batch - count, -1, -1, -1)])
+        return session.run(None, {name: images.numpy()})[0][:count]
+    return predict
+
+
 def parse_shapes(values: Sequence[str]) -> list[tuple[int, int]]:
     """``['224x224', '256x320']`` -> ``[(224, 224), (256, 320)]``, with an error naming a bad entry."""
     shapes = []

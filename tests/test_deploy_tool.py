@@ -60,3 +60,17 @@ def test_export_tool_rejects_a_checkpoint_of_another_architecture(tmp_path):
                      str(tmp_path / 'x.onnx')], check=False)
     assert proc.returncode == 2
     assert f'checkpoint {checkpoint} does not fit the model' in proc.stderr
+
+
+def test_export_tool_reports_top1_on_an_imagenet_folder(tmp_path):
+    """A static export fixed to batch 4 on 6 images: the last batch is padded and cut back, and the
+    fp32 file predicts what PyTorch predicts."""
+    pytest.importorskip('onnxscript')
+    from hmait.data.imagenet_synthetic import generate_imagenet
+    generate_imagenet(str(tmp_path / 'data'), num_classes=3, train_per_class=1, val_per_class=2, size=64)
+    proc = run_tool([python(), tool('deploy/export_onnx.py'), DEMO_CONFIG, '--out', str(tmp_path / 'demo.onnx'),
+                     '--shape', '64', '64', '--batch', '4', '--data', str(tmp_path / 'data')], timeout=600)
+    line = next(line for line in proc.stdout.splitlines() if line.startswith('top-1 on 6 images'))
+    accuracy = dict(part.rsplit(' ', 2)[:2] for part in line.split(': ', 1)[1].split(', '))
+    assert set(accuracy) == {'PyTorch', 'ONNX Runtime fp32'}
+    assert accuracy['PyTorch'] == accuracy['ONNX Runtime fp32']

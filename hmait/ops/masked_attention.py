@@ -492,11 +492,8 @@ def _run(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int
 def qkv_heads(qkv: torch.Tensor) -> list[torch.Tensor]:
     """A packed ``(B, N, 3, heads, d)`` projection -> q, k, v as ``(B, heads, N, d)`` views."""
     # Indexed rather than iterated, so that torch.fx can trace it.
-    # The same views as unbinding dim 2 and transposing each, but an export reads one transpose of qkv
-    # and a split into whole blocks, where three strided splits and three transposes would be copied.
-    b, n, _, heads, d = qkv.shape
-    parts = qkv.reshape(b, n, 3 * heads, d).transpose(1, 2).split(heads, dim=1)
-    return [parts[0], parts[1], parts[2]]
+    parts = qkv.unbind(2)
+    return [parts[0].transpose(1, 2), parts[1].transpose(1, 2), parts[2].transpose(1, 2)]
 
 
 def masked_attention_qkv(qkv: torch.Tensor, hw, mask_size: int = 3, mode: str = 'hard',
@@ -516,4 +513,9 @@ def masked_attention_qkv(qkv: torch.Tensor, hw, mask_size: int = 3, mode: str = 
     if chosen == 'cpu':
         from .cpu_kernel import masked_attention_qkv_cpu
         return masked_attention_qkv_cpu(qkv, (h, w), mask_size, mode, num_prefix_tokens, scale)
+    if chosen == 'halo':
+        # In an exported graph, one transpose of qkv and a split into whole blocks, where the views
+        # above become three strided splits and three transposes (a head slice of qkv is copied first).
+        b, n, _, heads, d = qkv.shape
+        q, k, v = qkv.reshape(b, n, 3 * heads, d).transpose(1, 2).split(heads, dim=1)
     return _run(chosen, q, k, v, h, w, mask_size, mode, alpha, num_prefix_tokens, scale).transpose(1, 2)

@@ -3,7 +3,7 @@
 
     python tools/deploy/export_onnx.py CONFIG_OR_MODEL [CHECKPOINT] --out FILE [--dynamic] [--opset N]
                                        [--shape H W] [--batch N] [--features] [--check-shapes HxW ...]
-                                       [--threads N] [--atol X] [--int8]
+                                       [--threads N] [--atol X] [--int8] [--data DIR [--num-images N]]
 
 CONFIG_OR_MODEL is a timm model name (``hmait_tiny``; with ``--features`` its multi-scale maps), a
 classification config, or a detection / segmentation config whose backbone is exported. The graph
@@ -12,7 +12,9 @@ for every input size. After exporting, a random input goes through ONNX Runtime 
 ``--shape``, and with ``--dynamic`` also at every ``--check-shapes`` size); the tool prints the
 largest difference and both throughputs, and exits with status 1 when a difference exceeds --atol.
 ``--int8`` also writes FILE with ``.onnx`` replaced by ``.int8.onnx``: ONNX Runtime's dynamic int8
-quantization, checked the same way (its difference is reported, not held to --atol).
+quantization, checked the same way (its difference is reported, not held to --atol). ``--data``
+(a classifier and an ImageNet-layout folder, ``val/`` when there is one) adds the top-1 accuracy of
+PyTorch and of each file on its images, at --shape's height.
 """
 import argparse
 import sys
@@ -37,8 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--threads', type=int, help='threads for PyTorch and ONNX Runtime (default: torch\'s)')
     parser.add_argument('--atol', type=float, default=1e-3, help='largest allowed difference (default 1e-3)')
     parser.add_argument('--int8', action='store_true', help="also write ONNX Runtime's dynamic int8 quantization")
+    parser.add_argument('--data', help='ImageNet-layout folder: also report top-1 accuracy on its images')
+    parser.add_argument('--num-images', type=int, default=1000, help='with --data, at most this many (default 1000)')
     args = parser.parse_args(argv)
-    for name in ('batch', 'threads', 'opset'):
+    for name in ('batch', 'threads', 'opset', 'num_images'):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f'--{name} must be a positive integer, got {value}')
@@ -51,6 +55,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
+    from hmait.analysis.tooling import image_loader
     from hmait.deploy import (
         build_model,
         check_against_torch,
@@ -58,11 +63,15 @@ def main(argv=None) -> int:
         onnxruntime_session,
         parse_shapes,
         quantize_int8,
+        session_predictor,
+        top1_accuracy,
     )
 
     try:
         extra = parse_shapes(args.check_shapes) if args.dynamic else []
         model = build_model(args.source, args.checkpoint, args.features)
+        loader = (image_loader(args.data, model, args.shape[0], args.num_images, args.batch)
+                  if args.data else None)
     except (ValueError, FileNotFoundError) as err:
         print(f'export_onnx: error: {err}', file=sys.stderr)
         return 2
@@ -105,6 +114,15 @@ def main(argv=None) -> int:
             print(f'| {kind} | {b}x{channels}x{h}x{w} | {check.max_abs_diff:.2e} | {check.torch_images_per_s:.2f} | '
                   f'{check.onnxruntime_images_per_s:.2f} | '
                   f'{check.onnxruntime_images_per_s / check.torch_images_per_s:.2f} |')
+    if loader is not None:
+        with torch.inference_mode():
+            accuracy = [('PyTorch', top1_accuracy(model, loader))]
+        for kind, path in files:
+            predict = session_predictor(onnxruntime_session(str(path), args.threads),
+                                        None if args.dynamic else args.batch)
+            accuracy.append((f'ONNX Runtime {kind}', top1_accuracy(predict, loader)))
+        print(f'top-1 on {len(loader.dataset)} images of {args.data}: '
+              + ', '.join(f'{name} {acc:.2f} %' for name, acc in accuracy))
     if worst > args.atol:
         print(f'export_onnx: error: ONNX Runtime differs from PyTorch by {worst:.2e} > --atol {args.atol}',
               file=sys.stderr)
