@@ -88,3 +88,9 @@ def check_image(x: torch.Tensor, channels: int, name: str = 'in_channels') -> No
     """An image batch ``(B, channels, H, W)``; ``name`` is the model's name for the channel argument."""
     if x.dim() != 4 or x.shape[1] != channels:
         raise ValueError(f'input must have shape (B, {name}={channels}, H, W), got {tuple(x.shape)}')
+
+
+@torch.jit.unused  # TorchScript cannot compile these checks; scripted code never exports
+def exporting() -> bool:
+    """True while ``torch.onnx.export`` or ``torch.export`` traces the model."""
+    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()

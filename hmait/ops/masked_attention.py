@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .checks import check_grid, check_int, check_mask_size, check_mode, check_packed_qkv
+from .checks import check_grid, check_int, check_mask_size, check_mode, check_packed_qkv, exporting
 
 BACKENDS = ('auto', 'torch', 'halo', 'triton', 'cpu')
 
@@ -400,8 +400,6 @@ def _cpu_kernel_status() -> tuple[bool, str]:
     return cpu_kernel.cpu_kernel_status()
 
 
-def _exporting() -> bool:
-    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
 def _choose_backend(q: torch.Tensor, v_dim: int, mode: str, backend: str) -> str:
@@ -424,7 +422,7 @@ def _choose_backend(q: torch.Tensor, v_dim: int, mode: str, backend: str) -> str
         return backend
     if backend == 'torch' or mode == 'soft':
         return 'torch'
-    if _exporting():
+    if exporting():
         # ONNX and torch.export graphs hold standard operators only, which every runtime knows: the
         # halo form's batched MatMuls rather than the shifted slices of the 'torch' path.
         return 'halo'
@@ -491,6 +489,12 @@ def _run(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int
 
 def qkv_heads(qkv: torch.Tensor) -> list[torch.Tensor]:
     """A packed ``(B, N, 3, heads, d)`` projection -> q, k, v as ``(B, heads, N, d)`` views."""
+    if not torch.jit.is_scripting() and exporting():
+        # In an exported graph: one transpose of qkv and a split into whole blocks, where the views
+        # below become three strided slices and three transposes (a head slice of qkv is copied first).
+        b, n, _, heads, d = qkv.shape
+        blocks = qkv.reshape(b, n, 3 * heads, d).transpose(1, 2).split(heads, dim=1)
+        return [blocks[0], blocks[1], blocks[2]]
     # Indexed rather than iterated, so that torch.fx can trace it.
     parts = qkv.unbind(2)
     return [parts[0].transpose(1, 2), parts[1].transpose(1, 2), parts[2].transpose(1, 2)]
@@ -513,9 +517,4 @@ def masked_attention_qkv(qkv: torch.Tensor, hw, mask_size: int = 3, mode: str = 
     if chosen == 'cpu':
         from .cpu_kernel import masked_attention_qkv_cpu
         return masked_attention_qkv_cpu(qkv, (h, w), mask_size, mode, num_prefix_tokens, scale)
-    if chosen == 'halo':
-        # In an exported graph, one transpose of qkv and a split into whole blocks, where the views
-        # above become three strided splits and three transposes (a head slice of qkv is copied first).
-        b, n, _, heads, d = qkv.shape
-        q, k, v = qkv.reshape(b, n, 3 * heads, d).transpose(1, 2).split(heads, dim=1)
     return _run(chosen, q, k, v, h, w, mask_size, mode, alpha, num_prefix_tokens, scale).transpose(1, 2)
