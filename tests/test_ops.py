@@ -239,3 +239,15 @@ def test_halo_path_rejects_soft_mode():
     q, k, v = _qkv(1, 1, 4, 2)
     with pytest.raises(ValueError, match="backend='halo' implements mode 'hard' and 'strict'"):
         masked_attention(q, k, v, (2, 2), 3, 'soft', torch.tensor([0.5], dtype=torch.float64), backend='halo')
+
+
+@pytest.mark.parametrize('h,w,p', [(2, 2, 0), (3, 3, 1), (2, 5, 0)])
+def test_halo_path_hard_mode_with_very_negative_logits_matches_dense(h, w, p):
+    """Own logits of -2e4: the extra key of the non-neighbours must not outweigh the neighbours where
+    there are no non-neighbours (2x2, 3x3), and must carry exactly their weight where there are."""
+    q = torch.full((1, 1, p + h * w, 2), 100.0, dtype=torch.float64)
+    k = -q
+    v = torch.randn(1, 1, p + h * w, 2, dtype=torch.float64)
+    out = masked_attention(q, k, v, (h, w), 3, 'hard', None, p, backend='halo')
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out, dense_masked_attention(q, k, v, (h, w), 3, 'hard', None, p), atol=1e-12, rtol=0)

@@ -334,16 +334,16 @@ def _halo_attention(q, k, v, h, w, mask_size, mode, num_prefix_tokens, scale, ti
         near_rows = (rows + r).clamp(max=h - 1) - (rows - r).clamp(min=0) + 1
         near_cols = (cols + r).clamp(max=w - 1) - (cols - r).clamp(min=0) + 1
         num_outside = F.pad((h * w - near_rows * near_cols).reshape(h * w).to(dtype), (p, 0), value=1.)  # (N,)
-        # The extra key: logit log(n_out) through a channel only it has; where there are no
-        # non-neighbours it sits margin below, like a masked-out key (and its value is 0 then).
-        log_outside = torch.where(num_outside > 0, num_outside.clamp(min=1.).log(), -_HALO_MARGIN) / scale
+        # The extra key: logit log(n_out) through a channel only it has; masked out where a query
+        # has no non-neighbours (a grid inside one mask), whatever its own logit.
+        log_outside = num_outside.clamp(min=1.).log() / scale
         q_parts.append(log_outside[:, None].expand(b, heads, n, 1))
         k_parts.append(torch.zeros_like(k[..., :1]))
         key_index = torch.cat([key_index, key_index.new_full((num_tiles, 1), n)], dim=1)
     if mode == 'hard':
         # The neighbours, for their value sum, and every key the softmax keeps, the extra key included.
         neighbours = torch.cat([allowed, allowed.new_zeros(*allowed.shape[:2], 1)], dim=-1).to(dtype)
-        allowed = torch.cat([allowed, allowed.new_ones(*allowed.shape[:2], 1)], dim=-1)
+        allowed = torch.cat([allowed, (num_outside > 0)[query_index][..., None]], dim=-1)
     q_tiles = gather(torch.cat(q_parts, dim=-1), query_index)                           # (B, heads, T, tile^2, d + c)
     k_aug = torch.cat(k_parts, dim=-1)
     if mode == 'hard':
