@@ -42,6 +42,7 @@ def test_export_tool_writes_a_dynamic_model_and_checks_it(tmp_path):
     (['configs/missing.py'], "config 'configs/missing.py' does not exist"),
     ([DEMO_CONFIG, 'missing.pth'], "checkpoint 'missing.pth' does not exist"),
     (['hmait_tiny', '--dynamic', '--check-shapes', '224'], "shape '224' must be HEIGHTxWIDTH"),
+    (['hmait_tiny', '--features', '--data', 'data'], '--data measures top-1 accuracy and needs a classifier'),
 ])
 def test_export_tool_names_bad_input(tmp_path, args, message):
     proc = run_tool([python(), tool('deploy/export_onnx.py'), *args, '--out', str(tmp_path / 'x.onnx')], check=False)

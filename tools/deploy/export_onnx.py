@@ -70,6 +70,9 @@ def main(argv=None) -> int:
     try:
         extra = parse_shapes(args.check_shapes) if args.dynamic else []
         model = build_model(args.source, args.checkpoint, args.features)
+        if args.data and (args.features or not getattr(model, 'num_classes', None)):
+            what = f'{args.source} with --features' if args.features else f"{args.source}'s backbone"
+            raise ValueError(f'--data measures top-1 accuracy and needs a classifier; {what} gives feature maps')
         loader = (image_loader(args.data, model, args.shape[0], args.num_images, args.batch)
                   if args.data else None)
     except (ValueError, FileNotFoundError) as err:
