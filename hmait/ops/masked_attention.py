@@ -340,7 +340,6 @@ def _halo_attention(q, k, v, h, w, mask_size, mode, num_prefix_tokens, scale, ti
         q_parts.append(log_outside[:, None].expand(b, heads, n, 1))
         k_parts.append(torch.zeros_like(k[..., :1]))
         key_index = torch.cat([key_index, key_index.new_full((num_tiles, 1), n)], dim=1)
-    if mode == 'hard':
         # The neighbours, for their value sum, and every key the softmax keeps, the extra key included.
         neighbours = torch.cat([allowed, allowed.new_zeros(*allowed.shape[:2], 1)], dim=-1).to(dtype)
         allowed = torch.cat([allowed, (num_outside > 0)[query_index][..., None]], dim=-1)
