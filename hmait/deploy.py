@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from .benchmark.measure import time_alternating
 from .ops.masked_attention import HALO_TILE
 
 # torch.export fixes sizes of 0 and 1 to constants, so a dynamic export traces a batch of at least 2,
@@ -56,10 +56,10 @@ def build_model(source: str, checkpoint: str | None = None, features: bool = Fal
             kwargs = {k: v for k, v in backbone.items() if k not in ('type', 'init_cfg', 'pretrained')}
             model = HMaiT(**kwargs)
         else:
-            model, _ = model_from_config(cfg)
             if features:
                 raise ValueError('--features applies to timm model names; a classification config exports '
                                  'its classifier, and a detection or segmentation config its backbone')
+            model, _ = model_from_config(cfg)
     elif timm.is_model(source):
         model = timm.create_model(source, features_only=features) if features else timm.create_model(source)
     else:
@@ -137,7 +137,8 @@ class Check:
 
 
 def check_against_torch(model: nn.Module, session, image: torch.Tensor, repeats: int = 3) -> Check:
-    """Run ``image`` through both, compare every output and time them alternately (median of repeats)."""
+    """Run ``image`` through both, compare every output and time them alternately (median of repeats,
+    with the benchmarks' timer)."""
     with torch.inference_mode():
         expected = model(image)
     expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
@@ -150,17 +151,18 @@ def check_against_torch(model: nn.Module, session, image: torch.Tensor, repeats:
         if tuple(g.shape) != tuple(e.shape):
             raise RuntimeError(f'output {i}: ONNX Runtime shape {tuple(g.shape)}, PyTorch {tuple(e.shape)}')
         diff = max(diff, float((torch.from_numpy(g) - e).abs().max()))
-    torch_s, ort_s = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    def run_torch() -> None:
         with torch.inference_mode():
             model(image)
-        torch_s.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        session.run(None, feed)
-        ort_s.append(time.perf_counter() - start)
+
+    # Both already ran once above, which is their warm-up.
+    times, errors = time_alternating({'torch': run_torch, 'onnxruntime': lambda: session.run(None, feed)},
+                                     reps=repeats, warmup=0)
+    if errors:
+        raise RuntimeError(f'timing failed: {errors}')
     batch = image.shape[0]
-    return Check(tuple(image.shape), diff, batch / statistics.median(torch_s), batch / statistics.median(ort_s))
+    return Check(tuple(image.shape), diff, batch / statistics.median(times['torch']),
+                 batch / statistics.median(times['onnxruntime']))
 
 
 def top1_accuracy(predict, loader) -> float:
