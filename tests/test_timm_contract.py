@@ -199,3 +199,72 @@ def test_optimiser_constructor_meets_every_parameter_once():
     assert not any(m.training for m in model.modules())
     # Stages without an output norm hold Identity placeholders in the alias; they follow the mode too.
     assert not any(m.training for m in _model('hmait_tiny', SMALL_HMAIT).modules())
+
+
+def _saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """Bytes of the tensors autograd keeps for the backward pass (each storage once), and the loss.
+
+    That is the memory a training step holds at the end of its forward pass, its peak; with
+    non-reentrant checkpointing the tensors saved inside a checkpointed block are not kept.
+    """
+    storages = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(x).square().mean()
+    return sum(storages.values()), loss
+
+
+@pytest.mark.parametrize('name,kwargs', [CASES[0], CASES[2]], ids=['hmait', 'mait'])
+def test_set_grad_checkpointing_checkpoints_the_blocks(name, kwargs):
+    """timm's ``set_grad_checkpointing`` (``train.py --grad-checkpointing``): less memory, equal gradients."""
+    model = _model(name, dict(kwargs, drop_path_rate=0.1)).train()  # drop path: checkpointing must replay its RNG
+    x = torch.randn(2, 3, 64, 64)
+    results = []
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        model.zero_grad()
+        torch.manual_seed(1)
+        saved, loss = _saved_activation_bytes(model, x)
+        loss.backward()
+        results.append((saved, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (plain_bytes, plain_loss, plain_grads), (cp_bytes, cp_loss, cp_grads) = results
+    assert cp_bytes < 0.5 * plain_bytes
+    torch.testing.assert_close(cp_loss, plain_loss, rtol=0, atol=0)
+    for key, grad in plain_grads.items():
+        torch.testing.assert_close(cp_grads[key], grad, rtol=1e-5, atol=1e-7, msg=key)
+    blocks = [m for m in model.modules() if hasattr(m, 'with_cp')]
+    assert blocks and all(m.with_cp for m in blocks)
+    model.set_grad_checkpointing(False)
+    assert not any(m.with_cp for m in blocks)
+
+
+@pytest.mark.parametrize('name,kwargs', [CASES[0], CASES[2]], ids=['hmait', 'mait'])
+def test_layer_decay_orders_parameters_from_stem_to_head(name, kwargs):
+    """``group_matcher`` gives timm's layer-wise learning-rate decay an order from input to output."""
+    from timm.optim import create_optimizer_v2
+    model = _model(name, kwargs)
+    optimizer = create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+    scale = {id(p): group['lr_scale'] for group in optimizer.param_groups for p in group['params']}
+    named = dict(model.named_parameters())
+    assert len(scale) == len(named)  # every parameter in exactly one group
+    if name.startswith('hmait'):
+        order = ['patch_embed.proj.weight', 'layers.0.blocks.0.attn.qkv.weight', 'layers.1.downsample.reduction.weight',
+                 'layers.1.blocks.0.mlp.fc1.weight', 'layers.2.blocks.0.norm1.weight',
+                 'layers.2.blocks.1.attn.proj.weight', 'layers.3.blocks.0.mlp.fc2.weight']
+        last_block, final_norm = 'layers.3.blocks.0.norm1.weight', 'norm3.weight'
+    else:
+        order = ['patch_embed.proj.weight', 'blocks.0.attn.qkv.weight', 'blocks.1.norm1.weight',
+                 'blocks.5.mlp.fc1.weight', 'blocks.11.attn.proj.weight']
+        last_block, final_norm = 'blocks.11.norm1.weight', 'norm.weight'
+    scales = [scale[id(named[key])] for key in order]
+    assert all(a < b for a, b in zip(scales, scales[1:])), dict(zip(order, scales))
+    assert scale[id(named[final_norm])] == scale[id(named[last_block])] == scales[-1] < 1.0  # as in timm's Swin
+    assert scale[id(model.get_classifier().weight)] == 1.0  # the head trains at the full rate
+    coarse = model.group_matcher(coarse=True)
+    from timm.models import group_parameters
+    groups = group_parameters(model, coarse)
+    assert sum(len(v) for v in groups.values()) == len(named)

@@ -61,6 +61,20 @@ class HMaiTClassifier(HMaiT):
         return {'absolute_pos_embed'}
 
     @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups from input to output, for timm's layer-wise learning-rate decay.
+
+        The stem (patch embedding, position embedding) comes first. Coarse: one group per stage;
+        fine: the patch merging that opens stage i, then each of its blocks. The output norms join
+        the group before them (timm's ``(99999,)``), as Swin's final norm does; the head, which no
+        pattern matches, goes after everything.
+        """
+        return dict(stem=r'^patch_embed|^absolute_pos_embed',
+                    blocks=r'^layers\.(\d+)' if coarse else [(r'^layers\.(\d+)\.downsample', (0,)),
+                                                            (r'^layers\.(\d+)\.blocks\.(\d+)', (1,)),
+                                                            (r'^norm\d+', (99999,))])
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 

@@ -235,6 +235,13 @@ class HMaiT(BaseModule):
             return
         super().init_weights()
 
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every block's activations in the backward pass (timm's name for ``with_cp``)."""
+        for stage in self.layers:
+            for block in stage.blocks:
+                block.with_cp = enable
+
     def train(self, mode: bool = True) -> HMaiT:
         super().train(mode)
         self.stage_norms.train(mode)  # not among named_children(); it also holds the stages' Identity placeholders

@@ -203,6 +203,14 @@ class MaiT(nn.Module):
         return {'pos_embed', 'cls_token', 'dist_token'}
 
     @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups from input to output, for timm's layer-wise learning-rate decay: the
+        embeddings and prefix tokens, then each block; the final norm joins the last block's group
+        (timm's ``(99999,)``), and the heads, matched by no pattern, go after everything."""
+        return dict(stem=r'^cls_token|^dist_token|^pos_embed|^patch_embed',
+                    blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))])
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
