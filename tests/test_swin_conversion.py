@@ -78,3 +78,50 @@ def test_backbone_builds_through_downstream_registries(scope):
     outs = model(torch.randn(1, 3, 70, 90))
     assert [tuple(o.shape[1:]) for o in outs] == [(192, 9, 12), (384, 5, 6), (768, 3, 3)]
     assert not any(p.requires_grad for p in model.layers[0].parameters())
+
+
+def test_converter_writes_safetensors_that_every_loader_reads(tmp_path):
+    """``--out x.safetensors`` writes tensors only; init_cfg, timm's pretrained file and the converter read it."""
+    from safetensors import safe_open
+    torch.manual_seed(0)
+    depths = dict(depths=(1, 1, 2, 1))
+    swin = timm.create_model('swin_tiny_patch4_window7_224', **depths)
+    src = tmp_path / 'swin.safetensors'
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in swin.state_dict().items()}, str(src))  # the converter reads it too
+    dst = tmp_path / 'out' / 'hmait_t.safetensors'
+    result = subprocess.run([sys.executable, 'tools/model_converters/swin2hmait.py', str(src), '--arch', 'tiny',
+                             '--out', str(dst)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert 'timm layout' in result.stdout and f'wrote {dst}' in result.stdout
+    with safe_open(str(dst), 'pt') as f:
+        assert f.metadata() == {'converted_from': 'swin.safetensors', 'swin_layout': 'timm'}
+        assert torch.equal(f.get_tensor('layers.2.blocks.1.mlp.fc1.weight'), swin.layers[2].blocks[1].mlp.fc1.weight)
+    assert not list(dst.parent.glob('.*partial'))
+
+    backbone = HMaiT(**depths, init_cfg=dict(type='Pretrained', checkpoint=str(dst)))
+    backbone.init_weights()
+    assert torch.equal(backbone.layers[3].blocks[0].attn.qkv.weight, swin.layers[3].blocks[0].attn.qkv.weight)
+    assert torch.equal(backbone.norm3.weight, swin.norm.weight)
+
+    model = timm.create_model('hmait_tiny', pretrained=True, **depths, pretrained_cfg_overlay=dict(file=str(dst)))
+    assert torch.equal(model.head.fc.weight, swin.head.fc.weight)
+    assert torch.equal(model.layers[1].downsample.reduction.weight, swin.layers[1].downsample.reduction.weight)
+
+    # A Swin safetensors file loads with convert_weights=True too, and without it is refused by name.
+    converted = HMaiT(**depths, convert_weights=True, init_cfg=dict(type='Pretrained', checkpoint=str(src)))
+    converted.init_weights()
+    assert torch.equal(converted.layers[0].blocks[0].attn.proj.weight, swin.layers[0].blocks[0].attn.proj.weight)
+    with pytest.raises(ValueError, match='swin.safetensors is a Swin checkpoint'):
+        HMaiT(**depths, init_cfg=dict(type='Pretrained', checkpoint=str(src))).init_weights()
+
+
+def test_a_damaged_safetensors_file_is_an_error_naming_it(tmp_path):
+    bad = tmp_path / 'damaged.safetensors'
+    bad.write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a": not json}')
+    with pytest.raises(RuntimeError, match='cannot read checkpoint .*damaged.safetensors as safetensors'):
+        safe_load(str(bad))
+    result = subprocess.run([sys.executable, 'tools/model_converters/swin2hmait.py', str(bad), str(tmp_path / 'x')],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode != 0 and 'damaged.safetensors' in result.stderr
+    assert not (tmp_path / 'x').exists()

@@ -43,20 +43,57 @@ def allow_mmengine_checkpoint_types() -> None:
     torch.serialization.add_safe_globals(_allowed_globals())
 
 
-def safe_load(path: str, map_location: str | torch.device = 'cpu') -> dict:
-    """``torch.load`` with ``weights_only=True``: tensors, containers and mmengine's own types only.
+def is_safetensors(path: str) -> bool:
+    """Whether ``path`` names a safetensors file (by its extension, as timm and the Hugging Face hub do)."""
+    return str(path).endswith('.safetensors')
 
+
+def safe_load(path: str, map_location: str | torch.device = 'cpu') -> dict:
+    """A checkpoint's contents, read without running any code from the file.
+
+    ``.safetensors`` files hold tensors only and are read by ``safetensors``; any other file goes
+    through ``torch.load`` with ``weights_only=True``: tensors, containers and mmengine's own types.
     Raises FileNotFoundError naming a missing file, and RuntimeError naming the file when it
-    holds anything else (an arbitrary pickled object could execute code on load).
+    cannot be read that way (an arbitrary pickled object could execute code on load).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint file not found: {path}')
+    if is_safetensors(path):
+        from safetensors.torch import load_file  # timm's dependency; imported only when used
+        try:
+            return load_file(path, device=str(torch.device(map_location)))
+        except Exception as err:  # safetensors raises its own SafetensorError for damaged files
+            raise RuntimeError(f'cannot read checkpoint {path} as safetensors: {err}') from err
     allow_mmengine_checkpoint_types()
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises UnpicklingError or RuntimeError depending on version
         raise RuntimeError(f'refusing to load checkpoint {path}: it is not a plain weights file '
                            f'(weights_only loading failed: {err})') from err
+
+
+def save_weights(state_dict: dict, path: str, metadata: dict[str, str] | None = None) -> None:
+    """Write ``state_dict`` to ``path``: safetensors for a ``.safetensors`` name, else ``torch.save``.
+
+    A ``torch.save`` file holds ``{'state_dict': ..., 'meta': metadata}`` (mmengine's layout); a
+    safetensors file holds the tensors, with ``metadata`` as its string-to-string header. The file
+    appears complete or not at all: it is written next to ``path`` and renamed into place.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    partial = os.path.join(directory, f'.{os.path.basename(path)}.partial')
+    try:
+        if is_safetensors(path):
+            from safetensors.torch import save_file
+            # safetensors stores each tensor's own bytes: no views of shared or strided storage.
+            save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, partial,
+                      metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+        else:
+            torch.save({'state_dict': state_dict, 'meta': dict(metadata or {})}, partial)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
 
 
 def require_local_weights(variant: str, pretrained: bool, kwargs: dict) -> None:
