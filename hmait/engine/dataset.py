@@ -19,7 +19,8 @@ from timm.data import create_transform
 from torch.utils.data import Dataset
 from torchvision.transforms import ToTensor
 
-IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png', '.bmp', '.webp', '.ppm', '.tif', '.tiff')
+from ..data.image_folder import IMAGE_EXTENSIONS, class_folder_names, is_image_name
+
 CORRUPT_POLICIES = ('skip', 'error')
 # A run of this many unreadable files in a row means the data set is broken, not a few files.
 MAX_CONSECUTIVE_CORRUPT = 16
@@ -119,7 +120,7 @@ def _data_error(data_root: str, what: str) -> str:
 
 
 def _class_dirs(split_dir: str, data_root: str) -> list[str]:
-    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith('.'))
+    classes = class_folder_names(split_dir)
     if not classes:
         raise FileNotFoundError(_data_error(data_root, f'no class folders in {split_dir}'))
     return classes
@@ -171,7 +172,7 @@ class ImageFolderDataset(Dataset):
             if name not in present:
                 continue  # a val split may cover fewer classes than train
             class_dir = osp.join(split_dir, name)
-            files = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
+            files = sorted(f for f in os.listdir(class_dir) if is_image_name(f))
             if not files:
                 raise ValueError(f'class folder {class_dir!r} holds no images; allowed extensions '
                                  f'(any case): {", ".join(IMAGE_EXTENSIONS)}')
