@@ -221,3 +221,40 @@ def test_attention_tool_writes_json_with_command_and_hardware(tmp_path):
     bad = subprocess.run([sys.executable, 'tools/analysis/benchmark_attention.py', '--batch', '0'], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and '--batch must be positive, got 0' in bad.stderr
+
+
+def test_any_timm_model_runs_against_the_swin_of_its_size():
+    """ConvNeXt takes no img_size and DeiT a fixed one: both are built as timm builds them, and each
+    is compared with Swin-T, which the run adds."""
+    from hmait.benchmark.models import BenchmarkPlan, reference_swin, run_benchmark, with_references
+    swin_t = 'swin_tiny_patch4_window7_224'
+    assert [reference_swin(n) for n in ('hmait_tiny', 'convnext_tiny', 'deit_small_patch16_224', 'convnext_small',
+                                        swin_t, 'resnet50')] == [swin_t, swin_t, swin_t,
+                                                                 'swin_small_patch4_window7_224', None, None]
+    assert with_references(['convnext_tiny', 'hmait_small']) == ['convnext_tiny', 'hmait_small', swin_t,
+                                                                 'swin_small_patch4_window7_224']
+    plan = BenchmarkPlan(models=['convnext_tiny', 'deit_small_patch16_224'], modes=['inference'], precisions=['fp32'],
+                         runtimes=['eager'], batch=1, resolution=64, sweep_resolutions=[], sweep_inference_only=[],
+                         sweep_batch=1, sweep_modes=['inference'], warmup=0, iters=1, reps=2)
+    measurements = run_benchmark(plan, torch.device('cpu'))
+    assert [m.model for m in measurements] == ['convnext_tiny', 'deit_small_patch16_224', swin_t]
+    assert all(m.error is None and m.images_per_s > 0 for m in measurements), [m.error for m in measurements]
+    rows = ratios(measurements)
+    assert [(r['model'], r['swin']) for r in rows] == [('convnext_tiny', swin_t), ('deit_small_patch16_224', swin_t)]
+    with pytest.raises(ValueError, match="model 'convnext_tinyy' is not a timm model; similar: .*convnext_tiny"):
+        BenchmarkPlan(**{**plan.__dict__, 'models': ['convnext_tinyy']}).validate()
+
+
+def test_backbone_comparison_times_both_and_counts_their_flops():
+    pytest.importorskip('mmdet')
+    from hmait.benchmark.backbones import backbone_ratios, backbone_table, measure_backbones, parse_shape
+    assert parse_shape('1x3x800x1344') == (1, 3, 800, 1344)
+    with pytest.raises(ValueError, match="backbone shape '800x1344' must be BATCHxCHANNELSxHEIGHTxWIDTH"):
+        parse_shape('800x1344')
+    rows = measure_backbones([(1, 3, 96, 128)], ['fp32'], warmup=0, iters=1, reps=2)
+    assert [r.backbone for r in rows] == ['HMaiT', 'SwinTransformer']
+    assert all(r.error is None and len(r.repetitions_ms) == 2 and r.gflops > 0.1 for r in rows)
+    (ratio,) = backbone_ratios(rows)
+    assert ratio['flop_ratio'] == pytest.approx(rows[0].gflops / rows[1].gflops)
+    assert ratio['throughput_ratio'] == pytest.approx(rows[1].ms_per_iter / rows[0].ms_per_iter)
+    assert '| HMaiT (tiny) | 1x3x96x128 | fp32 |' in backbone_table(rows)

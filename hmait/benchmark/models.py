@@ -1,8 +1,9 @@
-"""Throughput and peak memory of H-MaiT against timm's Swin, measured side by side.
+"""Throughput and peak memory of H-MaiT, and of any other timm model, against timm's Swin, side by side.
 
 Every model of a comparison is built in the same process and timed alternately
 (:func:`hmait.benchmark.measure.time_alternating`); results are medians over repetitions, and
-the ratio H-MaiT / Swin is taken between models of the same size (tiny with tiny, small with small).
+each model's ratio is taken against the Swin of its size (:func:`reference_swin`: H-MaiT-T,
+ConvNeXt-T and DeiT-S against Swin-T, and so on), which the run adds when it is not listed.
 Because every repetition times the pair back to back, the ratio is also given per repetition
 (its median and range): load that drifts during a run moves both models of a repetition alike,
 so the paired ratio is steadier than the ratio of the two medians on a shared machine.
@@ -19,6 +20,7 @@ for ONNX Runtime, whose allocations torch cannot see).
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import os
 import statistics
@@ -32,12 +34,36 @@ import torch.nn.functional as F
 
 from .measure import RUN_ERRORS, describe_error, markdown_table, peak_memory_mib, record, time_alternating
 
+SWIN = {size: f'swin_{size}_patch4_window7_224' for size in ('tiny', 'small', 'base')}
 # H-MaiT model -> the Swin it is compared with (same dims, depths and heads).
-PAIRS = {
-    'hmait_tiny': 'swin_tiny_patch4_window7_224',
-    'hmait_small': 'swin_small_patch4_window7_224',
-    'hmait_base': 'swin_base_patch4_window7_224',
-}
+PAIRS = {f'hmait_{size}': swin for size, swin in SWIN.items()}
+# Other anchors -> the Swin of their compute class (ImageNet FLOPs at 224 px): DeiT-S (4.6 G) is
+# Swin-T's (4.5 G), DeiT-B (17.6 G) Swin-B's (15.4 G). Names with tiny/small/base pair by that word.
+REFERENCES = {**PAIRS, 'deit_small_patch16_224': SWIN['tiny'], 'deit_base_patch16_224': SWIN['base'],
+              'vit_small_patch16_224': SWIN['tiny'], 'vit_base_patch16_224': SWIN['base']}
+
+
+def reference_swin(name: str) -> str | None:
+    """The Swin a model's ratio is taken against; None for a Swin itself or a model of no known size."""
+    if name.startswith('swin_'):
+        return None
+    if name in REFERENCES:
+        return REFERENCES[name]
+    words = set(name.replace('.', '_').split('_'))
+    for size, swin in SWIN.items():
+        if size in words:
+            return swin
+    return None
+
+
+def with_references(models: Sequence[str]) -> list[str]:
+    """``models`` followed by every reference Swin they need that is not among them."""
+    out = list(models)
+    for name in models:
+        ref = reference_swin(name)
+        if ref is not None and ref not in out:
+            out.append(ref)
+    return out
 MODES = ('inference', 'train')
 PRECISIONS = ('fp32', 'bf16')
 RUNTIMES = ('eager', 'compile', 'onnxruntime')
@@ -73,15 +99,31 @@ class Measurement:
     error: str | None = None
 
 
-def build_model(name: str, resolution: int, device: torch.device) -> nn.Module:
-    """A freshly initialised timm model; Swin is built for ``resolution`` (its windows depend on it)."""
+def check_models(models: Sequence[str]) -> None:
+    """Every name must be a timm model (``hmait_*`` included); the error names the first that is not."""
     import timm
 
     import hmait  # noqa: F401  (registers the hmait_* models with timm)
-    if not timm.is_model(name):
-        raise ValueError(f'model {name!r} is not a timm model; H-MaiT and Swin pairs: {PAIRS}')
-    kwargs = {} if name.startswith('hmait') else dict(img_size=resolution)
-    return timm.create_model(name, num_classes=1000, **kwargs).to(device)
+    for name in models:
+        if not timm.is_model(name):
+            close = difflib.get_close_matches(name, timm.list_models(), n=5)
+            raise ValueError(f'model {name!r} is not a timm model{f"; similar: {close}" if close else ""}')
+
+
+def build_model(name: str, resolution: int, device: torch.device) -> nn.Module:
+    """A freshly initialised timm model, made to take ``resolution`` as timm does it.
+
+    Models with a fixed input size (Swin's windows and attention masks, ViT's position embedding)
+    are resized with their ``set_input_size``; the others (H-MaiT, ConvNeXt) take any size as built.
+    """
+    import timm
+
+    check_models([name])
+    model = timm.create_model(name, num_classes=1000)
+    size = (resolution, resolution)
+    if hasattr(model, 'set_input_size') and tuple(model.pretrained_cfg.get('input_size', (3, 0, 0))[1:]) != size:
+        model.set_input_size(img_size=size)
+    return model.to(device)
 
 
 def _autocast(device: torch.device, precision: str):
@@ -175,11 +217,11 @@ def _key(m: Measurement) -> tuple:
 
 
 def ratios(measurements: Sequence[Measurement]) -> list[dict]:
-    """H-MaiT / Swin ratios of throughput and peak memory for every setting where both ran."""
+    """Each model's ratios of throughput and peak memory to its reference Swin, wherever both ran."""
     by_key = {(_key(m), m.model): m for m in measurements}
     rows = []
     for m in measurements:
-        swin = by_key.get((_key(m), PAIRS.get(m.model)))
+        swin = by_key.get((_key(m), reference_swin(m.model)))
         if swin is None or m.images_per_s is None or swin.images_per_s is None:
             continue
         mem = (m.peak_memory_mib / swin.peak_memory_mib
@@ -204,7 +246,7 @@ TABLE_COLUMNS = [('model', 'model'), ('mode', 'mode'), ('precision', 'precision'
 
 
 def table(measurements: Sequence[Measurement]) -> str:
-    """One row per measurement, with the H-MaiT / Swin ratios on the H-MaiT rows."""
+    """One row per measurement, with the ratios to the reference Swin on every other model's rows."""
     ratio = {(r['model'], r['mode'], r['precision'], r['runtime'], r['resolution'], r['batch']): r
              for r in ratios(measurements)}
     rows = []
@@ -303,6 +345,7 @@ class BenchmarkPlan:
                 raise ValueError(f'resolutions must be positive multiples of 32 (the total stride), got {res}')
         if not self.models:
             raise ValueError('models must name at least one timm model')
+        check_models(self.models)
         if not self.settings():
             raise ValueError('no setting to run: onnxruntime runs inference in fp32 only')
 
@@ -324,6 +367,7 @@ def default_plan(device: torch.device) -> BenchmarkPlan:
 def run_benchmark(plan: BenchmarkPlan, device: torch.device,
                   log: Callable[[str], None] | None = None) -> list[Measurement]:
     plan.validate()
+    plan.models = with_references(plan.models)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     measurements = []
@@ -335,11 +379,13 @@ def run_benchmark(plan: BenchmarkPlan, device: torch.device,
 
 
 def write_report(measurements: Sequence[Measurement], plan: BenchmarkPlan, device: torch.device, out_dir: str,
-                 argv: Sequence[str] | None = None, kernel_rows: Sequence[dict] = ()) -> dict:
-    """Write ``benchmark.json`` (and ``benchmark.png`` for a sweep) to ``out_dir``; return the payload."""
+                 argv: Sequence[str] | None = None, kernel_rows: Sequence[dict] = (), **extra) -> dict:
+    """Write ``benchmark.json`` (and ``benchmark.png`` for a sweep) to ``out_dir``; return the payload.
+
+    ``extra``: further JSON-ready sections (the backbone comparison)."""
     os.makedirs(out_dir, exist_ok=True)
     payload = record(device, argv, plan=asdict(plan), measurements=[asdict(m) for m in measurements],
-                     ratios=ratios(measurements), kernel=list(kernel_rows))
+                     ratios=ratios(measurements), kernel=list(kernel_rows), **extra)
     with open(os.path.join(out_dir, 'benchmark.json'), 'w') as f:
         json.dump(payload, f, indent=2)
     payload['plot'] = plot_sweep(measurements, os.path.join(out_dir, 'benchmark.png'))

@@ -1,17 +1,24 @@
 #!/usr/bin/env python
-"""Throughput (images/s) and peak memory of H-MaiT against timm's Swin, measured alternately.
+"""Throughput (images/s) and peak memory of H-MaiT and other timm models against timm's Swin, alternately.
 
     python tools/analysis/benchmark.py [--out-dir DIR] [--device cuda|cpu] [--models M ...]
                                        [--modes inference train] [--precisions fp32 bf16]
                                        [--runtimes eager compile onnxruntime] [--batch N] [--resolution PX]
                                        [--sweep PX ...] [--sweep-inference PX ...] [--sweep-batch N]
                                        [--warmup N] [--iters N] [--reps N] [--threads N]
+                                       [--backbones BxCxHxW ...] [--backbone-arch tiny]
 
 With a GPU and no options it runs the whole GPU table: H-MaiT-T/S and Swin-T/S, batch 64 at
 224 px, inference and training, fp32 and bf16 autocast, eager and torch.compile, then a sweep
 over 224..1024 px (2048 px for inference) at batch 8, then the masked-head kernel table. Without
 a GPU the default is a small CPU run (tiny models, batch 8, fp32, eager, no sweep); options widen
 it. ``onnxruntime`` exports both models and times ONNX Runtime (inference, fp32).
+
+Any timm model can be listed (``convnext_tiny``, ``deit_small_patch16_224``, ...): each is compared
+with the Swin of its size (H-MaiT-T, ConvNeXt-T and DeiT-S with Swin-T), which the run adds when it
+is not listed. ``--backbones 1x3x800x1344 2x3x512x512`` also times the detection/segmentation
+backbones (``HMaiT`` against mmdet's ``SwinTransformer``, inference, in every ``--precisions``)
+at those input shapes, with their FLOP ratio beside the time ratio; it needs mmdet.
 
 Prints a markdown table with the H-MaiT / Swin ratios and every repetition, and writes
 benchmark.json (hardware, versions, command, every repetition) and, for a sweep, benchmark.png.
@@ -48,14 +55,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='also time the masked-head kernels at stage-1 shapes against the PyTorch '
                         'path and report memory bandwidth (CUDA only; on by default there)')
     parser.add_argument('--threads', type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument('--backbones', nargs='+', metavar='BxCxHxW',
+                        help="also time HMaiT against mmdet's SwinTransformer at these input shapes")
+    parser.add_argument('--backbone-arch', default='tiny', choices=('tiny', 'small', 'base'),
+                        help='size of the backbone comparison (default: tiny)')
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    from dataclasses import asdict
+
     import torch
 
     from hmait.benchmark.attention import kernel_bandwidth, kernel_table, peak_bandwidth_gbs
+    from hmait.benchmark.backbones import backbone_ratios, backbone_table, measure_backbones, parse_shape
     from hmait.benchmark.measure import hardware_line
     from hmait.benchmark.models import default_plan, run_benchmark, table, write_report
 
@@ -76,18 +90,28 @@ def main(argv=None) -> None:
         raise SystemExit('--kernel: the kernel timing needs a CUDA device')
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     try:
+        shapes = [parse_shape(text) for text in args.backbones or ()]
         measurements = run_benchmark(plan, device, log=log)
     except ValueError as exc:
         raise SystemExit(f'benchmark: {exc}') from None
+    backbone_rows = []
+    if shapes:
+        backbone_rows = measure_backbones(shapes, plan.precisions, args.backbone_arch, warmup=plan.warmup,
+                                          iters=plan.iters, reps=plan.reps, device=device, log=log)
     kernel_rows = []
     if plan.kernel:
         log('masked-head kernels at stage-1 shapes (batch 64, 3 heads, 56x56, d 32)')
         kernel_rows = kernel_bandwidth(device)
     argv = sys.argv if argv is None else ['tools/analysis/benchmark.py', *argv]
-    payload = write_report(measurements, plan, device, args.out_dir, argv, kernel_rows)
+    payload = write_report(measurements, plan, device, args.out_dir, argv, kernel_rows,
+                           backbones=[asdict(r) for r in backbone_rows], backbone_ratios=backbone_ratios(backbone_rows))
     print(f"\n{hardware_line(payload['hardware'])}; peak memory: allocated during one iteration beyond what was "
           f"allocated before it\n")
     print(table(measurements))
+    if backbone_rows:
+        print(f"\nDetection/segmentation backbones ({args.backbone_arch}), inference; FLOPs: multiply-accumulates "
+              f"at the input shape, attention counted analytically for HMaiT\n")
+        print(backbone_table(backbone_rows))
     if kernel_rows:
         peak = peak_bandwidth_gbs(device)
         print(f"\nMasked-head layer, hard mode; peak bandwidth {f'{peak:.0f} GB/s' if peak else 'unknown'}\n")

@@ -1,0 +1,155 @@
+"""The detection/segmentation backbones at dense-prediction sizes: ``HMaiT`` against mmdet's ``SwinTransformer``.
+
+At these sizes the token count of a stage is what decides: H-MaiT's global heads cost ``N^2``
+per stage, Swin's windows ``N``. So each row puts the FLOP ratio (from
+:func:`hmait.analysis.complexity.count_complexity`, attention counted analytically for H-MaiT,
+Swin's window matmuls traced) beside the measured time ratio. Both backbones are built with the
+same dims, depths and heads (``arch``), run the forward pass of a fixed random batch under
+``torch.inference_mode``, alternately (:func:`~hmait.benchmark.measure.time_alternating`).
+
+mmdet is imported only when a comparison runs, so the core package stays importable without it.
+"""
+from __future__ import annotations
+
+import re
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .measure import RUN_ERRORS, describe_error, markdown_table, time_alternating
+
+# Swin's published shapes for the H-MaiT presets (mmdet's SwinTransformer arguments).
+SWIN_ARCH = {
+    'tiny': dict(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
+    'small': dict(embed_dims=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
+    'base': dict(embed_dims=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+}
+BACKBONES = ('HMaiT', 'SwinTransformer')
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    """``'BxCxHxW'`` (e.g. ``1x3x800x1344``) -> ``(B, C, H, W)``; ValueError naming the text otherwise."""
+    match = re.fullmatch(r'(\d+)x(\d+)x(\d+)x(\d+)', text.strip())
+    if not match or 0 in (dims := tuple(int(g) for g in match.groups())):
+        raise ValueError(f'backbone shape {text!r} must be BATCHxCHANNELSxHEIGHTxWIDTH of positive integers, '
+                         'e.g. 1x3x800x1344')
+    return dims
+
+
+def build_backbone(name: str, arch: str = 'tiny', in_channels: int = 3) -> nn.Module:
+    """``HMaiT`` (this project) or mmdet's ``SwinTransformer`` (window 7), freshly initialised, eval mode."""
+    if arch not in SWIN_ARCH:
+        raise ValueError(f'arch must be one of {sorted(SWIN_ARCH)}, got {arch!r}')
+    if name == 'HMaiT':
+        from ..models import HMaiT
+        model = HMaiT(arch=arch, in_channels=in_channels, drop_path_rate=0.)
+    elif name == 'SwinTransformer':
+        from mmdet.models.backbones import SwinTransformer
+        model = SwinTransformer(in_channels=in_channels, window_size=7, drop_path_rate=0., **SWIN_ARCH[arch])
+    else:
+        raise ValueError(f'backbone must be one of {BACKBONES}, got {name!r}')
+    model.eval()  # mmdet's train() override returns None, so no chaining
+    return model
+
+
+@dataclass
+class BackboneMeasurement:
+    """One backbone at one input shape: medians over repetitions; ``error`` when it could not run."""
+
+    backbone: str
+    arch: str
+    shape: tuple[int, int, int, int]
+    precision: str
+    images_per_s: float | None = None
+    ms_per_iter: float | None = None
+    gflops: float | None = None
+    repetitions_ms: list[float] = field(default_factory=list)
+    error: str | None = None
+
+
+def _flops(model: nn.Module, shape: tuple[int, int, int, int]) -> float:
+    from ..analysis.complexity import count_complexity
+    return count_complexity(model, torch.zeros(shape)).macs / 1e9
+
+
+def _forward(model: nn.Module, images: torch.Tensor, precision: str) -> Callable[[], None]:
+    def step() -> None:
+        with torch.inference_mode(), torch.autocast(images.device.type, dtype=torch.bfloat16,
+                                                    enabled=precision == 'bf16'):
+            model(images)
+    return step
+
+
+def measure_backbones(shapes: Sequence[tuple[int, int, int, int]], precisions: Sequence[str] = ('fp32',),
+                      arch: str = 'tiny', warmup: int = 1, iters: int = 1, reps: int = 3,
+                      device: torch.device | str = 'cpu',
+                      log: Callable[[str], None] | None = None) -> list[BackboneMeasurement]:
+    """Both backbones at every shape and precision (``'fp32'``, ``'bf16'`` autocast), timed alternately."""
+    device = torch.device(device)
+    models = {}
+    for name in BACKBONES:
+        models[name] = build_backbone(name, arch).to(device)
+    results = []
+    for shape in shapes:
+        flops = {}
+        for name, model in models.items():
+            try:
+                flops[name] = _flops(model, shape)
+            except RUN_ERRORS as exc:
+                flops[name] = None
+                if log is not None:
+                    log(f'{name} {shape}: FLOPs not counted ({describe_error(exc)})')
+        for precision in precisions:
+            if log is not None:
+                log(f'backbones {"x".join(map(str, shape))} {precision}')
+            images = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+            steps = {name: _forward(model, images, precision) for name, model in models.items()}
+            times, errors = time_alternating(steps, reps=reps, iters=iters, warmup=warmup, device=device, log=log)
+            for name in models:
+                row = BackboneMeasurement(name, arch, tuple(shape), precision, gflops=flops.get(name))
+                if name in times:
+                    seconds = times[name]
+                    row.repetitions_ms = [1e3 * t for t in seconds]
+                    row.ms_per_iter = 1e3 * statistics.median(seconds)
+                    row.images_per_s = shape[0] / statistics.median(seconds)
+                row.error = errors.get(name)
+                results.append(row)
+    return results
+
+
+def backbone_ratios(rows: Sequence[BackboneMeasurement]) -> list[dict]:
+    """H-MaiT / Swin per shape and precision: throughput ratio (paired per repetition too) and FLOP ratio."""
+    by_key = {(r.backbone, r.shape, r.precision): r for r in rows}
+    out = []
+    for r in rows:
+        swin = by_key.get(('SwinTransformer', r.shape, r.precision))
+        if r.backbone != 'HMaiT' or swin is None or r.images_per_s is None or swin.images_per_s is None:
+            continue
+        paired = sorted(s / h for h, s in zip(r.repetitions_ms, swin.repetitions_ms))
+        out.append(dict(shape=r.shape, precision=r.precision, throughput_ratio=r.images_per_s / swin.images_per_s,
+                        paired_ratio=statistics.median(paired) if paired else None,
+                        paired_ratio_range=f'{paired[0]:.2f}-{paired[-1]:.2f}' if paired else None,
+                        flop_ratio=r.gflops / swin.gflops if r.gflops and swin.gflops else None))
+    return out
+
+
+BACKBONE_COLUMNS = [('backbone', 'backbone'), ('input', 'input'), ('precision', 'precision'),
+                    ('ms_per_iter', 'ms/iter:'), ('images_per_s', 'images/s:'), ('gflops', 'GFLOPs:'),
+                    ('throughput_ratio', 'throughput vs Swin:'), ('paired_ratio', 'per repetition: median:'),
+                    ('paired_ratio_range', 'range'), ('flop_ratio', 'FLOPs vs Swin:')]
+
+
+def backbone_table(rows: Sequence[BackboneMeasurement]) -> str:
+    """One row per backbone and setting, the ratios to Swin on the H-MaiT rows."""
+    ratio = {(r['shape'], r['precision']): r for r in backbone_ratios(rows)}
+    table_rows = []
+    for r in rows:
+        row = dict(backbone=f'{r.backbone} ({r.arch})', input='x'.join(map(str, r.shape)), precision=r.precision,
+                   ms_per_iter=r.ms_per_iter, images_per_s=r.error or r.images_per_s, gflops=r.gflops)
+        if r.backbone == 'HMaiT':
+            row.update(ratio.get((r.shape, r.precision), {}))
+        table_rows.append(row)
+    return markdown_table(BACKBONE_COLUMNS, table_rows)
