@@ -64,6 +64,8 @@ def with_references(models: Sequence[str]) -> list[str]:
         if ref is not None and ref not in out:
             out.append(ref)
     return out
+
+
 MODES = ('inference', 'train')
 PRECISIONS = ('fp32', 'bf16')
 RUNTIMES = ('eager', 'compile', 'onnxruntime')

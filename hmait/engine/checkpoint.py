@@ -18,58 +18,16 @@ import glob
 import os
 import os.path as osp
 import re
-import secrets
 
 import torch
 from mmengine.fileio import LocalBackend
 from mmengine.logging import HistoryBuffer
 from mmengine.runner.checkpoint import CheckpointLoader
 
-from ..models.checkpoint import safe_load
+from ..models.checkpoint import atomic_write_bytes, safe_load
 
 #: Name under which the backend is registered with mmengine's file-backend registry.
 ATOMIC_BACKEND = 'local_atomic'
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` never holds a partial file.
-
-    The bytes go to a hidden temporary file next to ``path`` (same file system, so the rename is
-    atomic), are flushed to disk, and only then replace ``path``. On any error the temporary file
-    is removed and ``path`` is left as it was.
-    """
-    path = osp.abspath(osp.expanduser(path))
-    directory = osp.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    tmp = osp.join(directory, f'.{osp.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp')
-    # O_EXCL: never write through a file or link someone else created under the temporary name.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if osp.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: str) -> None:
-    # Makes the rename itself durable; some file systems refuse to open directories, which only
-    # weakens durability after a power loss, not atomicity.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class AtomicLocalBackend(LocalBackend):

@@ -11,9 +11,11 @@ layouts in circulation convert by renaming:
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
+import secrets
 from collections import OrderedDict
 
 import torch
@@ -72,28 +74,64 @@ def safe_load(path: str, map_location: str | torch.device = 'cpu') -> dict:
                            f'(weights_only loading failed: {err})') from err
 
 
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that ``path`` never holds a partial file.
+
+    The bytes go to a hidden temporary file next to ``path`` (same file system, so the rename is
+    atomic), are flushed to disk, and only then replace ``path``. On any error the temporary file
+    is removed and ``path`` is left as it was.
+    """
+    path = os.path.abspath(os.path.expanduser(path))
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f'.{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp')
+    # O_EXCL: never write through a file or link someone else created under the temporary name.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: str) -> None:
+    # Makes the rename itself durable; some file systems refuse to open directories, which only
+    # weakens durability after a power loss, not atomicity.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_weights(state_dict: dict, path: str, metadata: dict[str, str] | None = None) -> None:
     """Write ``state_dict`` to ``path``: safetensors for a ``.safetensors`` name, else ``torch.save``.
 
     A ``torch.save`` file holds ``{'state_dict': ..., 'meta': metadata}`` (mmengine's layout); a
-    safetensors file holds the tensors, with ``metadata`` as its string-to-string header. The file
-    appears complete or not at all: it is written next to ``path`` and renamed into place.
+    safetensors file holds the tensors, with ``metadata`` as its string-to-string header. Written
+    with :func:`atomic_write_bytes`: the file appears complete or not at all.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    partial = os.path.join(directory, f'.{os.path.basename(path)}.partial')
-    try:
-        if is_safetensors(path):
-            from safetensors.torch import save_file
-            # safetensors stores each tensor's own bytes: no views of shared or strided storage.
-            save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, partial,
-                      metadata={str(k): str(v) for k, v in (metadata or {}).items()})
-        else:
-            torch.save({'state_dict': state_dict, 'meta': dict(metadata or {})}, partial)
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    if is_safetensors(path):
+        from safetensors.torch import save
+        # safetensors stores each tensor's own bytes: no views of shared or strided storage.
+        data = save({k: v.detach().contiguous() for k, v in state_dict.items()},
+                    metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+    else:
+        buffer = io.BytesIO()
+        torch.save({'state_dict': state_dict, 'meta': dict(metadata or {})}, buffer)
+        data = buffer.getvalue()
+    atomic_write_bytes(path, data)
 
 
 def require_local_weights(variant: str, pretrained: bool, kwargs: dict) -> None:
