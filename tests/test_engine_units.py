@@ -219,3 +219,37 @@ def test_imagenet_configs_follow_the_swin_recipe(name):
     assert transform.auto_augment == 'rand-m9-mstd0.5-inc1' and transform.re_prob == 0.25
     assert cfg.model.model_kwargs.drop_path_rate == (0.2 if name == 'hmait_t_imagenet' else 0.3)
     assert cfg.default_hooks.checkpoint.save_best == 'accuracy/top1'
+
+
+class _Stage:
+    """What ``_run`` needs of a Runner: one stage method that finishes or fails."""
+
+    def __init__(self, fail: bool):
+        self.fail = fail
+
+    def train(self):
+        if self.fail:
+            raise RuntimeError('the stage failed')
+        return 'done'
+
+
+@pytest.mark.parametrize('fail', [False, True])
+def test_run_destroys_the_process_group_after_the_stage(monkeypatch, tmp_path, fail):
+    """A rank that exits with its gloo group alive can abort at shutdown, so ``_run`` tears it down."""
+    import torch.distributed as dist
+
+    from hmait.engine import launch
+
+    store = dist.FileStore(str(tmp_path / 'store'), 1)
+    dist.init_process_group('gloo', store=store, rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(launch, '_build_runner', lambda cfg: _Stage(fail))
+        if fail:
+            with pytest.raises(RuntimeError, match='the stage failed'):
+                launch._run(Config(), 'train')
+        else:
+            assert launch._run(Config(), 'train') == 'done'
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -179,6 +179,27 @@ def _build_runner(cfg: Config) -> Runner:
     return RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
 
 
+def _run(cfg: Config, stage: str):
+    """Build the Runner and run ``stage`` ('train' or 'test'), then tear down the process group.
+
+    A process that exits with its process group alive can abort at interpreter shutdown
+    (gloo's worker threads outlive Python: "terminate called without an active exception",
+    SIGABRT), which turns a finished run into a failed one. So every rank waits for the others
+    and destroys the group itself; after an error the group is destroyed without waiting, since
+    the other ranks may never arrive.
+    """
+    finished = False
+    try:
+        result = getattr(_build_runner(cfg), stage)()
+        finished = True
+        return result
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            if finished:
+                dist.barrier()
+            dist.destroy_process_group()
+
+
 def train(argv: Sequence[str] | None = None) -> None:
     """``tools/train.py``: parse arguments, prepare the config, run ``Runner.train``."""
     args = parse_train_args(argv)
@@ -207,7 +228,7 @@ def train(argv: Sequence[str] | None = None) -> None:
             raise FileNotFoundError(f'--resume checkpoint not found: {args.resume}')
         cfg.resume = True
         cfg.load_from = args.resume
-    _build_runner(cfg).train()
+    _run(cfg, 'train')
 
 
 def test(argv: Sequence[str] | None = None) -> dict:
@@ -219,4 +240,4 @@ def test(argv: Sequence[str] | None = None) -> dict:
     cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
     cfg.load_from = args.checkpoint
     cfg.resume = False
-    return _build_runner(cfg).test()
+    return _run(cfg, 'test')
