@@ -1,14 +1,18 @@
 # The two commands a newcomer needs (see README.md):
-#   make demo   set up (if needed), generate a small ImageNet-format dataset and train H-MaiT on it
-#   make test   set up (if needed) and run the whole test suite
+#   make demo   set up the core (if needed: no mmcv), generate a small ImageNet-format dataset and train H-MaiT on it
+#   make test   set up everything (if needed: the core plus mmcv, mmdet, mmseg) and run the whole test suite
 PYTHON := .venv/bin/python
 
-.PHONY: setup demo test lint
+.PHONY: setup setup-core demo test lint
 
 setup:
-	bash tools/setup_env.sh
+	bash tools/setup_env.sh full
 
-demo: setup
+# Classification only (torch, timm, mmengine, the project and its CPU kernel): what the demo needs.
+setup-core:
+	bash tools/setup_env.sh core
+
+demo: setup-core
 	$(PYTHON) tools/generate_demo_data.py imagenet data/demo_imagenet
 	$(PYTHON) tools/train.py configs/hmait_t_demo.py --work-dir work_dirs/hmait_t_demo
 

@@ -79,3 +79,32 @@ def test_import_hmait_needs_neither_the_engine_nor_opencv():
     result = _run(MODULES_SCRIPT)
     assert result['heavy'] == [], f'import hmait + timm.create_model imported {result["heavy"]}'
     assert result['registered'] and result['timm_model'] == 'HMaiTClassifier'
+
+
+# The core environment (`make setup-core`, what `make demo` builds) has no mmcv, mmdet or mmseg: the
+# classification stack must import without them, and the det/seg modules must say how to add them.
+CORE_ENV_SCRIPT = r'''
+import importlib, json, sys
+for name in ('mmcv', 'mmdet', 'mmseg'):
+    sys.modules[name] = None  # what an environment without them gives: ImportError on import
+import hmait, hmait.engine, hmait.predict
+from mmengine.config import Config
+cfg = Config.fromfile('configs/hmait_t_demo.py')
+errors = {}
+for module in ('hmait.mm.det', 'hmait.mm.seg'):
+    try:
+        importlib.import_module(module)
+    except ImportError as err:
+        errors[module] = str(err)
+print(json.dumps(dict(errors=errors, model=cfg.model.type)))
+'''
+
+
+def test_classification_imports_without_mmcv_and_det_seg_say_how_to_add_it():
+    result = _run(CORE_ENV_SCRIPT)
+    assert result['model'] == 'TimmImageClassifier'
+    assert sorted(result['errors']) == ['hmait.mm.det', 'hmait.mm.seg']
+    for module, message in result['errors'].items():
+        task = 'Detection' if module.endswith('det') else 'Segmentation'
+        assert message.startswith(f'{task} ({module}) needs mmcv'), message
+        assert "run 'make setup'" in message and 'mm' in message

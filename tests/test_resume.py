@@ -1,6 +1,6 @@
 """A resumed classification run ends with exactly the weights of an uninterrupted one.
 
-The runs use the demo recipe (``configs/hmait_t_demo.py``: a persistent data loader worker, linear
+The runs use the demo recipe (``configs/hmait_t_demo.py``, with one persistent data loader worker added; linear
 warm-up for 2 epochs, then cosine) on a tiny model and 32-px images, with RandAugment, random
 erasing, Mixup/CutMix and drop path all on, so every random stream of the recipe has to survive the
 restart. Each resumed run is compared bit for bit with one uninterrupted 3-epoch run, resuming:
@@ -33,8 +33,8 @@ model = dict(num_classes=3,
              model_kwargs=dict(embed_dims=16, depths=(1, 1), num_heads=(1, 2), masked_heads=(1, 1), strides=(4, 2),
                                drop_path_rate=0.2),
              mixup=dict(prob=1.0))
-# The demo's loader (one persistent worker) with the full recipe's augmentation.
-train_dataloader = dict(batch_size=4,
+# One persistent worker (the demo loads in the main process) with the full recipe's augmentation.
+train_dataloader = dict(batch_size=4, num_workers=1, persistent_workers=True,
                         dataset=dict(transform=dict(input_size=32, auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.25)))
 val_dataloader = dict(batch_size=6, dataset=dict(transform=dict(input_size=32)))
 test_dataloader = val_dataloader

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -23,9 +25,9 @@ def _scratch_repo(tmp_path: Path) -> Path:
     return repo
 
 
-def _run(repo: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(['bash', str(repo / 'tools' / 'setup_env.sh')], env=env, capture_output=True, text=True,
-                          timeout=300)
+def _run(repo: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(['bash', str(repo / 'tools' / 'setup_env.sh'), *args], env=env, capture_output=True,
+                          text=True, timeout=300)
 
 
 def _fake_python(tmp_path: Path, version: str) -> Path:
@@ -82,11 +84,31 @@ def test_failed_install_step_names_step_and_package(tmp_path):
     result = _run(repo, {**os.environ, 'HMAIT_PYTHON': sys.executable,
                          'HMAIT_WHEEL_CACHE': str(tmp_path / 'wheels')})
     assert result.returncode != 0
-    assert "step '[1/5] installing the build tools" in result.stderr
+    assert "step '[1/6] installing the build tools" in result.stderr
     assert 'failed while installing pip/setuptools/wheel/ninja' in result.stderr
     assert 'wheel==0.0.0.999' in result.stderr  # pip's own reason, from the end of its output
     assert 'the lock and setup.cfg disagree, or a pin does not exist' in result.stderr  # what to try
     assert 'Traceback' not in result.stdout
+
+
+def test_core_mode_fails_at_the_same_step_with_its_own_count(tmp_path):
+    repo = _scratch_repo(tmp_path)
+    lock = repo / 'requirements' / 'lock.txt'
+    lock.write_text(re.sub(r'(?m)^wheel==.*$', 'wheel==0.0.0.999', lock.read_text()))
+    result = _run(repo, {**os.environ, 'HMAIT_PYTHON': sys.executable}, 'core')
+    assert result.returncode != 0
+    assert "step '[1/4] installing the build tools" in result.stderr  # the core has 4 steps, the full set-up 6
+    assert not (repo / '.venv' / '.hmait-setup-core-stamp').exists()
+
+
+@pytest.mark.parametrize('args', [('cpu',), ('core', 'full')])
+def test_unknown_mode_is_refused_before_anything_is_built(tmp_path, args):
+    repo = _scratch_repo(tmp_path)
+    result = _run(repo, {**os.environ, 'HMAIT_PYTHON': sys.executable}, *args)
+    assert result.returncode != 0
+    expected = f"unknown mode '{args[0]}'" if len(args) == 1 else 'too many arguments (core full)'
+    assert expected in result.stderr and "'core'" in result.stderr and "'full'" in result.stderr
+    assert not (repo / '.venv').exists()
 
 
 def test_missing_lock_is_reported(tmp_path):

@@ -16,9 +16,14 @@ import json
 import math
 import os
 
-from mmdet.datasets import CocoDataset
-from mmdet.datasets.api_wrappers import COCO
-from mmdet.registry import DATASETS
+from . import mm_import_error
+
+try:
+    from mmdet.datasets import CocoDataset
+    from mmdet.datasets.api_wrappers import COCO
+    from mmdet.registry import DATASETS
+except ImportError as err:  # a core environment: say how to add mmdet
+    raise mm_import_error('Detection (hmait.mm.det)', err) from err
 
 from ._checks import check_files_exist, is_remote
 

@@ -15,9 +15,15 @@ from __future__ import annotations
 import os
 
 import torch
-from mmseg.datasets import ADE20KDataset
-from mmseg.registry import DATASETS
 from PIL import Image
+
+from . import mm_import_error
+
+try:
+    from mmseg.datasets import ADE20KDataset
+    from mmseg.registry import DATASETS
+except ImportError as err:  # a core environment: say how to add mmseg
+    raise mm_import_error('Segmentation (hmait.mm.seg)', err) from err
 
 from ._checks import check_files_exist, is_remote
 
