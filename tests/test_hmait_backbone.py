@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import hmait  # noqa: F401  (registers the models)
 from hmait.models import HMaiT, MaskedMultiheadAttention, convert_swin_state_dict
 from hmait.ops import dense_masked_attention
+from hmait.ops.global_attention import global_backend
 
 SMALL = dict(depths=(1, 1, 1, 1), drop_path_rate=0.)
 
@@ -313,10 +314,13 @@ def test_global_heads_use_sdpa_dropout_only_in_training():
     assert not torch.equal(a, attn(x, (3, 3)))
 
 
-def test_sdpa_matches_manual_global_attention():
-    """The global heads' SDPA call uses the module's scale (qk_scale), not SDPA's default."""
-    attn = MaskedMultiheadAttention(8, 2, num_masked_heads=0, qk_scale=0.1).double()
-    x = torch.randn(1, 6, 8, dtype=torch.float64)
+@pytest.mark.parametrize('dtype,backend', [(torch.float64, 'sdpa'), (torch.float32, 'matmul')])
+def test_global_heads_match_manual_attention_with_the_module_scale(dtype, backend):
+    """The global heads use the module's scale (qk_scale), not SDPA's default, on either path."""
+    attn = MaskedMultiheadAttention(8, 2, num_masked_heads=0, qk_scale=0.1).to(dtype)
+    x = torch.randn(1, 6, 8, dtype=dtype)
     q, k, v = attn.qkv(x).reshape(1, 6, 3, 2, 4).permute(2, 0, 3, 1, 4)
-    ref = F.softmax((q @ k.transpose(-2, -1)) * 0.1, -1) @ v
-    assert torch.allclose(attn(x, (2, 3)), attn.proj(ref.transpose(1, 2).reshape(1, 6, 8)))
+    assert global_backend(q) == backend
+    ref = F.softmax((q.double() @ k.double().transpose(-2, -1)) * 0.1, -1) @ v.double()
+    out = attn.proj(ref.transpose(1, 2).reshape(1, 6, 8).to(dtype))
+    torch.testing.assert_close(attn(x, (2, 3)), out)

@@ -10,7 +10,9 @@ gradient are those the model sees. Paths (on a ``side x side`` grid):
 * ``hard-torch``, ``strict-torch``: the portable PyTorch path (``backend='torch'``), the baseline
   every compiled kernel is compared with;
 * ``dense-hard``: the O(N^2) reference :func:`hmait.ops.dense_masked_attention`;
-* ``sdpa-global``: ``scaled_dot_product_attention`` over all tokens, what a global head costs.
+* ``sdpa-global``: ``scaled_dot_product_attention`` over all tokens, what a global head costs;
+* ``global-matmul``: the same by two matmuls and a softmax (:func:`hmait.ops.global_attention` with
+  ``backend='matmul'``), which the global heads take on CPU for short sequences.
 
 Paths are timed alternately and peak memory is that of one call, both with
 :mod:`hmait.benchmark.measure`. Quadratic paths are skipped above a token limit.
@@ -23,12 +25,12 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..ops import dense_masked_attention, masked_attention, masked_attention_qkv
+from ..ops import dense_masked_attention, global_attention, masked_attention, masked_attention_qkv
 from ..ops.masked_attention import qkv_heads
 from .measure import markdown_table, peak_memory_mib, time_alternating
 
-PATHS = ('hard', 'strict', 'soft', 'hard-torch', 'strict-torch', 'dense-hard', 'sdpa-global')
-QUADRATIC = ('soft', 'dense-hard', 'sdpa-global')
+PATHS = ('hard', 'strict', 'soft', 'hard-torch', 'strict-torch', 'dense-hard', 'sdpa-global', 'global-matmul')
+QUADRATIC = ('soft', 'dense-hard', 'sdpa-global', 'global-matmul')
 LAYOUTS = ('heads', 'packed')
 
 
@@ -54,6 +56,8 @@ def path_fn(path: str, hw: tuple[int, int], mask_size: int, layout: str = 'heads
             return masked_attention(q, k, v, hw, mask_size, path.split('-')[0], backend='torch')
         if path == 'dense-hard':
             return dense_masked_attention(q, k, v, hw, mask_size, 'hard')
+        if path == 'global-matmul':
+            return global_attention(q, k, v, backend='matmul')
         return F.scaled_dot_product_attention(q, k, v)
     return packed if layout == 'packed' else fn
 

@@ -5,11 +5,10 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import DropPath, LayerScale, Mlp, register_notrace_function
 from torch.utils.checkpoint import checkpoint
 
-from ..ops import dense_attention_map, masked_attention_qkv
+from ..ops import dense_attention_map, global_attention, masked_attention_qkv
 from ..ops.checks import check_mask_size, check_masked_heads, check_mode, check_positive_int
 from ..ops.masked_attention import qkv_heads
 
@@ -22,6 +21,15 @@ def _masked_heads(qkv: torch.Tensor, hw: tuple[int, int], mask_size: int, mode: 
                   num_prefix_tokens: int, scale: float) -> torch.Tensor:
     """:func:`hmait.ops.masked_attention_qkv` of the masked heads, ``(B, N, 3, m, d)`` -> ``(B, N, m, d)``."""
     return masked_attention_qkv(qkv, hw, mask_size, mode, alpha, num_prefix_tokens, scale)
+
+
+# One call for torch.fx too: the backend is picked from the sequence length (see hmait.ops.global_attention).
+@torch.fx.wrap
+@register_notrace_function
+@torch.jit.ignore
+def _global_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float) -> torch.Tensor:
+    """:func:`hmait.ops.global_attention` of the global heads, ``(B, g, N, d)`` -> ``(B, g, N, d)``."""
+    return global_attention(q, k, v, scale, dropout_p)
 
 
 class MaskedMultiheadAttention(nn.Module):
@@ -109,8 +117,7 @@ class MaskedMultiheadAttention(nn.Module):
                                       self.scale))
         if glob is not None:
             q, k, v = qkv_heads(glob)
-            outs.append(F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.attn_drop if self.training else 0., scale=self.scale).transpose(1, 2))
+            outs.append(_global_heads(q, k, v, self.scale, self.attn_drop if self.training else 0.).transpose(1, 2))
         x = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
         x = x.reshape(b, n, c)
         return self.proj_drop(self.proj(x))

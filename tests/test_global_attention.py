@@ -1,0 +1,87 @@
+"""The global heads' two paths (torch's SDPA and plain matmuls) against the unmasked dense reference."""
+import pytest
+import torch
+
+from hmait.ops import dense_attention_map, global_attention
+from hmait.ops.global_attention import MATMUL_MAX_TOKENS, global_backend
+
+BACKENDS = ('sdpa', 'matmul')
+
+
+def _inputs(n, dtype, scale=2.0, seed=0, b=2, heads=3, d=8):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(b, heads, n, d, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_()
+            for _ in range(3)]
+
+
+def _reference(q, k, v, hw, prefix, scale):
+    """float64 ``softmax(q k^T * scale) v`` from the dense reference's unmasked attention map."""
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out = dense_attention_map(q, k, hw, mode=None, num_prefix_tokens=prefix, scale=scale) @ v
+    return out, (q, k, v)
+
+
+def _check(backend, dtype, scale_q, tol_out, tol_grad, scale=None):
+    hw, prefix = (4, 5), 1
+    q, k, v = _inputs(prefix + hw[0] * hw[1], dtype, scale=scale_q)
+    out = global_attention(q, k, v, scale=scale, backend=backend)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    ref, ref_inputs = _reference(q, k, v, hw, prefix, scale)
+    assert (out.double() - ref).abs().max() < tol_out
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    grads = torch.autograd.grad(out, (q, k, v), g.to(dtype))
+    ref_grads = torch.autograd.grad(ref, ref_inputs, g)
+    for name, got, want in zip('qkv', grads, ref_grads):
+        assert torch.isfinite(got).all(), name
+        err = (got.double() - want).abs().max() / want.abs().max().clamp_min(1.0)
+        assert err < tol_grad, (name, err.item())
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize('scale', [None, 0.1])
+def test_backends_match_the_dense_reference_with_gradients(backend, dtype, tol, scale):
+    _check(backend, dtype, scale_q=2.0, tol_out=tol * 10, tol_grad=tol * 10, scale=scale)
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_half_precision_backends_are_finite_and_close_to_float64(backend, dtype):
+    # bf16: logits of magnitude about 1e3 (inputs scaled by 12, d 8); fp16 keeps them within its range.
+    scale_q = 12.0 if dtype == torch.bfloat16 else 3.0
+    q, k, _ = _inputs(21, dtype, scale=scale_q)
+    logits = (q.double() @ k.double().transpose(-2, -1)) / 8 ** 0.5
+    assert logits.abs().max() > (3e2 if dtype == torch.bfloat16 else 10)
+    tol = 6e-2 if dtype == torch.bfloat16 else 1e-2
+    _check(backend, dtype, scale_q, tol_out=tol * scale_q, tol_grad=tol)
+
+
+def test_auto_takes_the_matmuls_only_for_short_cpu_sequences():
+    for dtype, limit in MATMUL_MAX_TOKENS.items():
+        assert global_backend(torch.empty(1, 1, limit, 8, dtype=dtype)) == 'matmul'
+        assert global_backend(torch.empty(1, 1, limit + 1, 8, dtype=dtype)) == 'sdpa'
+    for dtype in (torch.float16, torch.float64):
+        assert global_backend(torch.empty(1, 1, 16, 8, dtype=dtype)) == 'sdpa'
+    assert global_backend(torch.empty(1, 1, 16, 8, device='meta')) == 'sdpa'
+
+
+class _Global(torch.nn.Module):
+    def forward(self, q, k, v):
+        return global_attention(q, k, v)
+
+
+def test_export_keeps_sdpa_so_the_graph_does_not_depend_on_the_length():
+    q, k, v = (t.detach() for t in _inputs(16, torch.float32))
+    assert global_backend(q) == 'matmul'  # what eager mode takes at this length
+    n = torch.export.Dim('n', min=2, max=1024)
+    exported = torch.export.export(_Global(), (q, k, v), dynamic_shapes=({2: n}, {2: n}, {2: n}))
+    targets = {str(node.target) for node in exported.graph.nodes if node.op == 'call_function'}
+    assert any('scaled_dot_product' in t for t in targets), targets
+    longer = [t.detach() for t in _inputs(600, torch.float32, seed=1)]
+    torch.testing.assert_close(exported.module()(*longer), global_attention(*longer, backend='sdpa'))
+
+
+def test_unknown_backend_is_refused():
+    q, k, v = _inputs(4, torch.float32)
+    with pytest.raises(ValueError, match="backend must be one of .*'matmul'.*got 'flash'"):
+        global_attention(q, k, v, backend='flash')
