@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from hmait.ops import dense_attention_map, global_attention
-from hmait.ops.global_attention import MATMUL_MAX_TOKENS, global_backend
+from hmait.ops.global_attention import MATMUL_LIMITS, global_backend
 
 BACKENDS = ('sdpa', 'matmul')
 
@@ -56,10 +56,24 @@ def test_half_precision_backends_are_finite_and_close_to_float64(backend, dtype)
     _check(backend, dtype, scale_q, tol_out=tol * scale_q, tol_grad=tol)
 
 
-def test_auto_takes_the_matmuls_only_for_short_cpu_sequences():
-    for dtype, limit in MATMUL_MAX_TOKENS.items():
-        assert global_backend(torch.empty(1, 1, limit, 8, dtype=dtype)) == 'matmul'
-        assert global_backend(torch.empty(1, 1, limit + 1, 8, dtype=dtype)) == 'sdpa'
+def test_auto_takes_the_matmuls_only_for_short_cpu_sequences_and_small_maps():
+    for dtype, limits in MATMUL_LIMITS.items():
+        for mode, (tokens, logits) in limits.items():
+            def backend(b, n, dtype=dtype, grad=mode == 'train'):
+                return global_backend(torch.empty(b, 1, n, 8, dtype=dtype, requires_grad=grad))
+            assert backend(1, tokens) == 'matmul', (dtype, mode)
+            assert backend(1, tokens + 1) == 'sdpa', (dtype, mode)
+            # The same length with a batch whose logits map is over the limit.
+            assert backend(logits // tokens ** 2, tokens) == 'matmul', (dtype, mode)
+            assert backend(logits // tokens ** 2 + 1, tokens) == 'sdpa', (dtype, mode)
+    # Training limits need grad mode as well as an input that requires gradients.
+    n = MATMUL_LIMITS[torch.bfloat16]['train'][0]
+    assert n > MATMUL_LIMITS[torch.bfloat16]['eval'][0]
+    q = torch.empty(1, 1, n, 8, dtype=torch.bfloat16, requires_grad=True)
+    assert global_backend(q) == 'matmul'
+    with torch.no_grad():
+        assert global_backend(q) == 'sdpa'
+    assert global_backend(q.detach(), q.detach(), q) == 'matmul'
     for dtype in (torch.float16, torch.float64):
         assert global_backend(torch.empty(1, 1, 16, 8, dtype=dtype)) == 'sdpa'
     assert global_backend(torch.empty(1, 1, 16, 8, device='meta')) == 'sdpa'

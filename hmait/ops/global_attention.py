@@ -5,7 +5,8 @@ H-MaiT's stages 3 and 4 (196 and 49 tokens at 224 px) it is slower than the plai
 two batched matmuls and a softmax, most of all in the bf16 backward: measured with
 ``tools/analysis/benchmark_attention.py --paths sdpa-global global-matmul`` (see
 docs/benchmarks.md). For long sequences flash is the faster one and keeps no ``(N, N)`` map, so
-``backend='auto'`` takes the matmuls only up to a per-dtype token count, on CPU, in eager mode.
+``backend='auto'`` takes the matmuls only up to a token count and a logits count per dtype
+(larger when gradients are taken), on CPU, in eager mode.
 Under ``torch.compile``, ``torch.export``, ONNX export and tracing it always takes SDPA, so that
 the traced graph does not depend on the sequence length. Both paths are tested against the
 unmasked dense reference (``dense_attention_map(..., mode=None) @ v``), gradients included.
@@ -19,17 +20,32 @@ from .checks import exporting
 
 GLOBAL_BACKENDS = ('auto', 'sdpa', 'matmul')
 
-# The longest sequence (tokens, prefix tokens included) for which 'auto' takes the matmuls on CPU.
+# Where 'auto' takes the matmuls on CPU: (most tokens, prefix tokens included; most logits,
+# B * heads * N * N), for training (gradients needed) and for evaluation. The plain path keeps the
+# whole (B, heads, N, N) map, so it loses once the map outgrows the caches as well as for long
+# sequences; flash's backward is the slow part, so training gains over a wider range. Measured with
+# tools/analysis/benchmark_attention.py on an AMD Zen 4 and an Intel Xeon (docs/benchmarks.md).
 # Other dtypes (float16, float64) always take SDPA.
-MATMUL_MAX_TOKENS = {torch.bfloat16: 400, torch.float32: 100}
+MATMUL_LIMITS = {
+    torch.bfloat16: {'train': (256, 1 << 23), 'eval': (196, 1 << 22)},
+    torch.float32: {'train': (144, 1 << 21), 'eval': (100, 1 << 20)},
+}
 
 
-def global_backend(q: torch.Tensor) -> str:
-    """The backend ``'auto'`` picks for ``q`` of shape ``(B, heads, N, d)``: ``'matmul'`` or ``'sdpa'``."""
+def global_backend(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> str:
+    """The backend ``'auto'`` picks for ``(B, heads, N, d)`` q (and k, v): ``'matmul'`` or ``'sdpa'``.
+
+    Training limits apply when gradients will be taken, that is grad mode is on and one of the
+    inputs requires them."""
     if (q.device.type != 'cpu' or exporting() or torch.compiler.is_compiling() or torch.jit.is_tracing()):
         return 'sdpa'
-    limit = MATMUL_MAX_TOKENS.get(q.dtype)
-    return 'matmul' if limit is not None and q.shape[-2] <= limit else 'sdpa'
+    limits = MATMUL_LIMITS.get(q.dtype)
+    if limits is None:
+        return 'sdpa'
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v))
+    max_tokens, max_logits = limits['train' if grad else 'eval']
+    n = q.shape[-2]
+    return 'matmul' if n <= max_tokens and q.shape[:-2].numel() * n * n <= max_logits else 'sdpa'
 
 
 def global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
@@ -42,7 +58,7 @@ def global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     if backend not in GLOBAL_BACKENDS:
         raise ValueError(f'backend must be one of {GLOBAL_BACKENDS}, got {backend!r}')
     if backend == 'auto':
-        backend = global_backend(q)
+        backend = global_backend(q, k, v)
     if backend == 'sdpa':
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
