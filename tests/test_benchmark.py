@@ -258,3 +258,51 @@ def test_backbone_comparison_times_both_and_counts_their_flops():
     assert ratio['flop_ratio'] == pytest.approx(rows[0].gflops / rows[1].gflops)
     assert ratio['throughput_ratio'] == pytest.approx(rows[1].ms_per_iter / rows[0].ms_per_iter)
     assert '| HMaiT (tiny) | 1x3x96x128 | fp32 |' in backbone_table(rows)
+
+
+def test_attention_free_variant_keeps_the_projections_and_mixes_no_tokens():
+    """The bound on what attention work can win: the same model, every attention layer reduced to
+    proj(value projection). Each token's output then depends on that token alone."""
+    import timm
+
+    from hmait.benchmark.models import build_model, check_models, without_token_mixing
+    from hmait.models.layers import MaskedMultiheadAttention
+    torch.manual_seed(0)
+    model = build_model('hmait_tiny+attention-free', 64, torch.device('cpu')).eval()
+    layers = [m for m in model.modules() if isinstance(m, MaskedMultiheadAttention)]
+    assert len(layers) == 12
+    layer, x = layers[0], torch.randn(2, 16 * 16, 96)
+    value = layer.qkv(x)[..., 2 * 96:]
+    torch.testing.assert_close(layer(x, (16, 16)), layer.proj(value))
+    # No mixing: changing one token leaves every other token's output as it was.
+    y = x.clone()
+    y[:, 5] += 1.
+    out_x, out_y = layer(x, (16, 16)), layer(y, (16, 16))
+    assert torch.equal(out_x[:, :5], out_y[:, :5]) and not torch.allclose(out_x[:, 5], out_y[:, 5])
+    # The real model differs, and the variant still trains its qkv and output projections.
+    reference = timm.create_model('hmait_tiny', num_classes=1000).eval()
+    reference.load_state_dict(model.state_dict())
+    images = torch.randn(1, 3, 64, 64)
+    assert not torch.allclose(model(images), reference(images))
+    model.train()(images).sum().backward()
+    assert layer.qkv.weight.grad[2 * 96:].abs().sum() > 0 and layer.proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match='exists only for hmait_\\*, mait_\\* models'):
+        check_models(['swin_tiny_patch4_window7_224+attention-free'])
+    with pytest.raises(ValueError, match='Linear has no MaskedMultiheadAttention layer'):
+        without_token_mixing(torch.nn.Linear(2, 2))
+
+
+def test_attention_free_runs_beside_its_model_against_the_same_swin():
+    from hmait.benchmark.models import BenchmarkPlan, run_benchmark, with_attention_free
+    swin_t = 'swin_tiny_patch4_window7_224'
+    assert with_attention_free(['mait_xtiny', 'hmait_tiny', swin_t]) == [
+        'mait_xtiny', 'mait_xtiny+attention-free', 'hmait_tiny', 'hmait_tiny+attention-free', swin_t]
+    plan = BenchmarkPlan(models=['hmait_tiny'], modes=['inference'], precisions=['fp32'], runtimes=['eager'],
+                         batch=1, resolution=64, sweep_resolutions=[], sweep_inference_only=[], sweep_batch=1,
+                         sweep_modes=['inference'], warmup=0, iters=1, reps=2, attention_free=True)
+    measurements = run_benchmark(plan, torch.device('cpu'))
+    assert [m.model for m in measurements] == ['hmait_tiny', 'hmait_tiny+attention-free', swin_t]
+    assert all(m.error is None and m.images_per_s > 0 for m in measurements), [m.error for m in measurements]
+    assert [(r['model'], r['swin']) for r in ratios(measurements)] == [
+        ('hmait_tiny', swin_t), ('hmait_tiny+attention-free', swin_t)]
+    assert '| hmait_tiny+attention-free | inference | fp32 | eager |' in table(measurements)

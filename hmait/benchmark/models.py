@@ -16,6 +16,11 @@ fp32 only: both models exported with ``torch.onnx.export(..., dynamo=True)`` at 
 batch and resolution, run by ONNX Runtime's CPU or CUDA provider with torch's thread count).
 Peak memory: :func:`hmait.benchmark.measure.peak_memory_mib` over one iteration (not measured
 for ONNX Runtime, whose allocations torch cannot see).
+
+``<model>+attention-free`` (``benchmark.py --attention-free``) is an H-MaiT or MaiT model whose
+attention layers keep their qkv and output projections but mix no tokens
+(:func:`without_token_mixing`). Everything else runs as in the model, so its ratio against Swin is
+the most that any change to the attention (masked and global heads alike) could give it.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import json
 import os
 import statistics
 import tempfile
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -43,8 +49,20 @@ REFERENCES = {**PAIRS, 'deit_small_patch16_224': SWIN['tiny'], 'deit_base_patch1
               'vit_small_patch16_224': SWIN['tiny'], 'vit_base_patch16_224': SWIN['base']}
 
 
+# Suffix of a model's attention-free variant (see the module docstring).
+ATTENTION_FREE = '+attention-free'
+# The model families the variant exists for: those built on hmait.models.layers.MaskedMultiheadAttention.
+ATTENTION_FREE_FAMILIES = ('hmait_', 'mait_')
+
+
+def base_name(name: str) -> str:
+    """The timm model a benchmark name builds: ``name`` without the attention-free suffix."""
+    return name[:-len(ATTENTION_FREE)] if name.endswith(ATTENTION_FREE) else name
+
+
 def reference_swin(name: str) -> str | None:
     """The Swin a model's ratio is taken against; None for a Swin itself or a model of no known size."""
+    name = base_name(name)
     if name.startswith('swin_'):
         return None
     if name in REFERENCES:
@@ -107,9 +125,44 @@ def check_models(models: Sequence[str]) -> None:
 
     import hmait  # noqa: F401  (registers the hmait_* models with timm)
     for name in models:
-        if not timm.is_model(name):
-            close = difflib.get_close_matches(name, timm.list_models(), n=5)
-            raise ValueError(f'model {name!r} is not a timm model{f"; similar: {close}" if close else ""}')
+        base = base_name(name)
+        if not timm.is_model(base):
+            close = difflib.get_close_matches(base, timm.list_models(), n=5)
+            raise ValueError(f'model {base!r} is not a timm model{f"; similar: {close}" if close else ""}')
+        if base != name and not base.startswith(ATTENTION_FREE_FAMILIES):
+            raise ValueError(f'model {name!r}: the attention-free variant exists only for '
+                             f'{", ".join(f + "*" for f in ATTENTION_FREE_FAMILIES)} models')
+
+
+def _projections_only(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """An attention layer's forward without its attention: the value projection goes to proj as is."""
+    b, n, c = x.shape
+    v = self._qkv(x)[:, :, 2]                                     # (B, N, heads, d)
+    return self.proj_drop(self.proj(v.reshape(b, n, c)))
+
+
+def without_token_mixing(model: nn.Module) -> nn.Module:
+    """``model`` with every :class:`~hmait.models.layers.MaskedMultiheadAttention` reduced to its qkv
+    and output projections (same GEMMs, no attention); raises ValueError if it has none."""
+    from hmait.models.layers import MaskedMultiheadAttention
+
+    layers = [m for m in model.modules() if isinstance(m, MaskedMultiheadAttention)]
+    if not layers:
+        raise ValueError(f'{type(model).__name__} has no MaskedMultiheadAttention layer to make attention-free')
+    for layer in layers:
+        layer.forward = types.MethodType(_projections_only, layer)
+    return model
+
+
+def with_attention_free(models: Sequence[str]) -> list[str]:
+    """``models`` with each H-MaiT or MaiT model followed by its attention-free variant."""
+    out = []
+    for name in models:
+        out.append(name)
+        variant = name + ATTENTION_FREE
+        if name.startswith(ATTENTION_FREE_FAMILIES) and variant not in models:
+            out.append(variant)
+    return out
 
 
 def build_model(name: str, resolution: int, device: torch.device) -> nn.Module:
@@ -121,10 +174,12 @@ def build_model(name: str, resolution: int, device: torch.device) -> nn.Module:
     import timm
 
     check_models([name])
-    model = timm.create_model(name, num_classes=1000)
+    model = timm.create_model(base_name(name), num_classes=1000)
     size = (resolution, resolution)
     if hasattr(model, 'set_input_size') and tuple(model.pretrained_cfg.get('input_size', (3, 0, 0))[1:]) != size:
         model.set_input_size(img_size=size)
+    if name != base_name(name):
+        without_token_mixing(model)
     return model.to(device)
 
 
@@ -317,6 +372,7 @@ class BenchmarkPlan:
     iters: int
     reps: int
     kernel: bool = False
+    attention_free: bool = False
 
     def settings(self) -> list[Setting]:
         main = [Setting(mode, precision, runtime, self.resolution, self.batch)
@@ -370,6 +426,8 @@ def run_benchmark(plan: BenchmarkPlan, device: torch.device,
                   log: Callable[[str], None] | None = None) -> list[Measurement]:
     plan.validate()
     plan.models = with_references(plan.models)
+    if plan.attention_free:
+        plan.models = with_attention_free(plan.models)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     measurements = []

@@ -6,7 +6,7 @@
                                        [--runtimes eager compile onnxruntime] [--batch N] [--resolution PX]
                                        [--sweep PX ...] [--sweep-inference PX ...] [--sweep-batch N]
                                        [--warmup N] [--iters N] [--reps N] [--threads N]
-                                       [--backbones BxCxHxW ...] [--backbone-arch tiny]
+                                       [--attention-free] [--backbones BxCxHxW ...] [--backbone-arch tiny]
 
 With a GPU and no options it runs the whole GPU table: H-MaiT-T/S and Swin-T/S, batch 64 at
 224 px, inference and training, fp32 and bf16 autocast, eager and torch.compile, then a sweep
@@ -19,6 +19,9 @@ with the Swin of its size (H-MaiT-T, ConvNeXt-T and DeiT-S with Swin-T), which t
 is not listed. ``--backbones 1x3x800x1344 2x3x512x512`` also times the detection/segmentation
 backbones (``HMaiT`` against mmdet's ``SwinTransformer``, inference, in every ``--precisions``)
 at those input shapes, with their FLOP ratio beside the time ratio; it needs mmdet.
+``--attention-free`` adds ``hmait_tiny+attention-free`` beside ``hmait_tiny`` (and so on): the same
+model with its attention layers reduced to their qkv and output projections, so its ratio against
+Swin bounds what any change to H-MaiT's attention can win in that setting.
 
 Prints a markdown table with the H-MaiT / Swin ratios and every repetition, and writes
 benchmark.json (hardware, versions, command, every repetition) and, for a sweep, benchmark.png.
@@ -55,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='also time the masked-head kernels at stage-1 shapes against the PyTorch '
                         'path and report memory bandwidth (CUDA only; on by default there)')
     parser.add_argument('--threads', type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument('--attention-free', action='store_true', default=None,
+                        help='also time each H-MaiT/MaiT model with its attention reduced to the qkv and output '
+                             'projections: the most any change to its attention could gain')
     parser.add_argument('--backbones', nargs='+', metavar='BxCxHxW',
                         help="also time HMaiT against mmdet's SwinTransformer at these input shapes")
     parser.add_argument('--backbone-arch', default='tiny', choices=('tiny', 'small', 'base'),
@@ -82,7 +88,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     plan = default_plan(device)
     for name in ('models', 'modes', 'precisions', 'runtimes', 'batch', 'resolution', 'sweep_resolutions',
-                 'sweep_inference_only', 'sweep_batch', 'sweep_modes', 'warmup', 'iters', 'reps', 'kernel'):
+                 'sweep_inference_only', 'sweep_batch', 'sweep_modes', 'warmup', 'iters', 'reps', 'kernel',
+                 'attention_free'):
         value = getattr(args, name)
         if value is not None:
             setattr(plan, name, value)
