@@ -24,7 +24,8 @@ GLOBAL_BACKENDS = ('auto', 'sdpa', 'matmul')
 # B * heads * N * N), for training (gradients needed) and for evaluation. The plain path keeps the
 # whole (B, heads, N, N) map, so it loses once the map outgrows the caches as well as for long
 # sequences; flash's backward is the slow part, so training gains over a wider range. Measured with
-# tools/analysis/benchmark_attention.py on an AMD Zen 4 and an Intel Xeon (docs/benchmarks.md).
+# tools/analysis/benchmark_attention.py on a 2-core AMD Zen 4 (docs/benchmarks.md); other CPUs may
+# cross over elsewhere.
 # Other dtypes (float16, float64) always take SDPA.
 MATMUL_LIMITS = {
     torch.bfloat16: {'train': (256, 1 << 23), 'eval': (196, 1 << 22)},
