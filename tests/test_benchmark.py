@@ -278,7 +278,8 @@ def test_attention_free_variant_keeps_the_projections_and_mixes_no_tokens():
     y = x.clone()
     y[:, 5] += 1.
     out_x, out_y = layer(x, (16, 16)), layer(y, (16, 16))
-    assert torch.equal(out_x[:, :5], out_y[:, :5]) and not torch.allclose(out_x[:, 5], out_y[:, 5])
+    assert torch.equal(out_x[:, :5], out_y[:, :5]) and torch.equal(out_x[:, 6:], out_y[:, 6:])
+    assert not torch.allclose(out_x[:, 5], out_y[:, 5])
     # The real model differs, and the variant still trains its qkv and output projections.
     reference = timm.create_model('hmait_tiny', num_classes=1000).eval()
     reference.load_state_dict(model.state_dict())
@@ -297,6 +298,10 @@ def test_attention_free_runs_beside_its_model_against_the_same_swin():
     swin_t = 'swin_tiny_patch4_window7_224'
     assert with_attention_free(['mait_xtiny', 'hmait_tiny', swin_t]) == [
         'mait_xtiny', 'mait_xtiny+attention-free', 'hmait_tiny', 'hmait_tiny+attention-free', swin_t]
+    # A variant listed by name gets no second suffix, and its model is not added twice.
+    assert with_attention_free(['hmait_tiny+attention-free', swin_t]) == ['hmait_tiny+attention-free', swin_t]
+    assert with_attention_free(['hmait_tiny', 'hmait_tiny+attention-free']) == ['hmait_tiny',
+                                                                                'hmait_tiny+attention-free']
     plan = BenchmarkPlan(models=['hmait_tiny'], modes=['inference'], precisions=['fp32'], runtimes=['eager'],
                          batch=1, resolution=64, sweep_resolutions=[], sweep_inference_only=[], sweep_batch=1,
                          sweep_modes=['inference'], warmup=0, iters=1, reps=2, attention_free=True)

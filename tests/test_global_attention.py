@@ -1,9 +1,13 @@
 """The global heads' two paths (torch's SDPA and plain matmuls) against the unmasked dense reference."""
 import pytest
 import torch
+import torch.nn.functional as F
 
+import hmait.ops.global_attention  # noqa: F401  (the module, which hmait.ops's function shadows)
 from hmait.ops import dense_attention_map, global_attention
 from hmait.ops.global_attention import MATMUL_LIMITS, global_backend
+
+global_attention_module = __import__('sys').modules['hmait.ops.global_attention']
 
 BACKENDS = ('sdpa', 'matmul')
 
@@ -77,6 +81,57 @@ def test_auto_takes_the_matmuls_only_for_short_cpu_sequences_and_small_maps():
     for dtype in (torch.float16, torch.float64):
         assert global_backend(torch.empty(1, 1, 16, 8, dtype=dtype)) == 'sdpa'
     assert global_backend(torch.empty(1, 1, 16, 8, device='meta')) == 'sdpa'
+
+
+def test_auto_runs_the_backend_it_picks(monkeypatch):
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        calls.append(args[0].shape[-2])
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(global_attention_module.F, 'scaled_dot_product_attention', counting_sdpa)
+    limit = MATMUL_LIMITS[torch.float32]['eval'][0]
+    with torch.no_grad():
+        for n in (limit, limit + 1):
+            global_attention(*_inputs(n, torch.float32, b=1, heads=1))
+    assert calls == [limit + 1]
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_autocast_gives_both_backends_the_autocast_dtype(backend, monkeypatch):
+    """float32 inputs under bf16 autocast: both backends compute in bf16, as SDPA does there, and 'auto'
+    picks by bf16's limits (this length is past float32's evaluation limit, inside bf16's)."""
+    n = MATMUL_LIMITS[torch.float32]['eval'][0] + 4
+    assert n <= MATMUL_LIMITS[torch.bfloat16]['eval'][0]
+    q, k, v = (t.detach() for t in _inputs(n, torch.float32, scale=1.0))
+    ref = global_attention(q.double(), k.double(), v.double())
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        assert global_backend(q.bfloat16()) == 'matmul'
+        out = global_attention(q, k, v, backend=backend)
+    assert out.dtype == torch.bfloat16
+    assert (out.double() - ref).abs().max() < 3e-2
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_dropout_zeroes_probabilities_and_rescales_the_rest(backend):
+    """q = k = 0 makes every probability 1/N; v = identity reads them back one by one."""
+    b, heads, n, p = 2, 2, 32, 0.25
+    q = torch.zeros(b, heads, n, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.eye(n, dtype=torch.float64).expand(b, heads, n, n).clone().requires_grad_()
+    torch.manual_seed(0)
+    out = global_attention(q, q, v, dropout_p=p, backend=backend)
+    kept = out != 0
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / (n * (1 - p))))
+    assert 0.15 < 1 - kept.double().mean().item() < 0.35
+    (grad_v,) = torch.autograd.grad(out.sum(), v)
+    # Each value row gets the kept probabilities of its column.
+    torch.testing.assert_close(grad_v, out.transpose(-2, -1).sum(-1, keepdim=True).expand_as(v))
+
+
+def test_forced_matmuls_run_where_autocast_does_not_exist():
+    q = torch.empty(1, 2, 5, 4, device='meta')
+    assert global_attention(q, q, q, backend='matmul').shape == (1, 2, 5, 4)
 
 
 class _Global(torch.nn.Module):

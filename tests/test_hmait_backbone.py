@@ -302,9 +302,11 @@ def test_absolute_position_embedding_is_resized():
                               _features(HMaiT(**SMALL), torch.zeros(1, 3, 96, 40))[0])
 
 
-def test_global_heads_use_sdpa_dropout_only_in_training():
-    attn = MaskedMultiheadAttention(8, 2, num_masked_heads=1, attn_drop=0.5)
-    x = torch.randn(1, 9, 8)
+@pytest.mark.parametrize('dtype,backend', [(torch.float64, 'sdpa'), (torch.float32, 'matmul')])
+def test_global_heads_drop_attention_only_in_training(dtype, backend):
+    attn = MaskedMultiheadAttention(8, 2, num_masked_heads=1, attn_drop=0.5).to(dtype)
+    x = torch.randn(1, 9, 8, dtype=dtype)
+    assert global_backend(torch.empty(1, 1, 9, 4, dtype=dtype, requires_grad=True)) == backend
     attn.eval()
     assert torch.equal(attn(x, (3, 3)), attn(x, (3, 3)))
     attn.train()

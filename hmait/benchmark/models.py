@@ -160,7 +160,7 @@ def with_attention_free(models: Sequence[str]) -> list[str]:
     for name in models:
         out.append(name)
         variant = name + ATTENTION_FREE
-        if name.startswith(ATTENTION_FREE_FAMILIES) and variant not in models:
+        if name.startswith(ATTENTION_FREE_FAMILIES) and name == base_name(name) and variant not in models:
             out.append(variant)
     return out
 

@@ -13,6 +13,8 @@ unmasked dense reference (``dense_attention_map(..., mode=None) @ v``), gradient
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -24,8 +26,8 @@ GLOBAL_BACKENDS = ('auto', 'sdpa', 'matmul')
 # B * heads * N * N), for training (gradients needed) and for evaluation. The plain path keeps the
 # whole (B, heads, N, N) map, so it loses once the map outgrows the caches as well as for long
 # sequences; flash's backward is the slow part, so training gains over a wider range. Measured with
-# tools/analysis/benchmark_attention.py on a 2-core AMD Zen 4 (docs/benchmarks.md); other CPUs may
-# cross over elsewhere.
+# tools/analysis/benchmark_attention.py on a 2-core AMD Zen 4 at head dim 32, H-MaiT's
+# (docs/benchmarks.md); other CPUs and head dims may cross over elsewhere.
 # Other dtypes (float16, float64) always take SDPA.
 MATMUL_LIMITS = {
     torch.bfloat16: {'train': (256, 1 << 23), 'eval': (196, 1 << 22)},
@@ -45,8 +47,19 @@ def global_backend(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tens
         return 'sdpa'
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v))
     max_tokens, max_logits = limits['train' if grad else 'eval']
-    n = q.shape[-2]
-    return 'matmul' if n <= max_tokens and q.shape[:-2].numel() * n * n <= max_logits else 'sdpa'
+    n, n_keys = q.shape[-2], q.shape[-2] if k is None else k.shape[-2]
+    fits = max(n, n_keys) <= max_tokens and q.shape[:-2].numel() * n * n_keys <= max_logits
+    return 'matmul' if fits else 'sdpa'
+
+
+def _autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors as autocast would hand them to SDPA: floating point (float64 aside) in the autocast
+    dtype when autocast is on for their device, unchanged otherwise."""
+    device = tensors[0].device.type
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors)
 
 
 def global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
@@ -55,19 +68,24 @@ def global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
     ``dropout_p`` drops attention probabilities (pass 0 in evaluation, as with SDPA).
     ``backend``: ``'auto'`` (see :func:`global_backend`), ``'sdpa'`` or ``'matmul'``.
+    Under autocast both backends compute in the autocast dtype, as SDPA does there.
     """
     if backend not in GLOBAL_BACKENDS:
         raise ValueError(f'backend must be one of {GLOBAL_BACKENDS}, got {backend!r}')
+    q, k, v = _autocast_inputs(q, k, v)
     if backend == 'auto':
         backend = global_backend(q, k, v)
     if backend == 'sdpa':
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     # Autocast off: the dtypes below are chosen, not cast. Half-precision inputs get float32 logits
-    # (a bf16 logit of magnitude 1e3 is off by up to 4) and a float32 softmax; the probabilities go
+    # (bf16 rounds a logit near 1e3 to a multiple of 4) and a float32 softmax; the probabilities go
     # back to the input dtype for the matmul with v, as in flash attention. Scaling q (N x d) is
     # cheaper than scaling the N x N logits.
-    with torch.autocast(q.device.type, enabled=False):
+    device = q.device.type
+    no_autocast = (torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device)
+                   else contextlib.nullcontext())
+    with no_autocast:
         if q.dtype in (torch.float16, torch.bfloat16):
             logits = (q.float() * scale) @ k.float().transpose(-2, -1)
         else:

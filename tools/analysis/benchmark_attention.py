@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', choices=['cuda', 'cpu'])
     parser.add_argument('--threads', type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument('--max-quadratic-tokens', type=int, default=112 * 112,
-                        help='skip the O(N^2) paths (soft, dense, SDPA) above this many tokens')
+                        help='skip the O(N^2) paths (soft, dense, SDPA, global matmuls) above this many tokens')
     parser.add_argument('--out', default='work_dirs/benchmark_attention.json', help='JSON output path')
     args = parser.parse_args(argv)
     for name in ('batch', 'heads', 'head_dim', 'repeats', 'threads'):
