@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import hmait.ops.global_attention  # noqa: F401  (the module, which hmait.ops's function shadows)
 from hmait.ops import dense_attention_map, global_attention
-from hmait.ops.global_attention import MATMUL_LIMITS, global_backend
+from hmait.ops.global_attention import MATMUL_LIMITS, MATMUL_MAX_HEAD_DIM, global_backend
 
 global_attention_module = __import__('sys').modules['hmait.ops.global_attention']
 
@@ -80,6 +80,8 @@ def test_auto_takes_the_matmuls_only_for_short_cpu_sequences_and_small_maps():
     assert global_backend(q.detach(), q.detach(), q) == 'matmul'
     for dtype in (torch.float16, torch.float64):
         assert global_backend(torch.empty(1, 1, 16, 8, dtype=dtype)) == 'sdpa'
+    assert global_backend(torch.empty(1, 1, 16, MATMUL_MAX_HEAD_DIM)) == 'matmul'
+    assert global_backend(torch.empty(1, 1, 16, MATMUL_MAX_HEAD_DIM + 1)) == 'sdpa'
     assert global_backend(torch.empty(1, 1, 16, 8, device='meta')) == 'sdpa'
 
 

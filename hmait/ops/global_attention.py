@@ -26,13 +26,15 @@ GLOBAL_BACKENDS = ('auto', 'sdpa', 'matmul')
 # B * heads * N * N), for training (gradients needed) and for evaluation. The plain path keeps the
 # whole (B, heads, N, N) map, so it loses once the map outgrows the caches as well as for long
 # sequences; flash's backward is the slow part, so training gains over a wider range. Measured with
-# tools/analysis/benchmark_attention.py on a 2-core AMD Zen 4 at head dim 32, H-MaiT's
-# (docs/benchmarks.md); other CPUs and head dims may cross over elsewhere.
-# Other dtypes (float16, float64) always take SDPA.
+# tools/analysis/benchmark_attention.py on a 2-core AMD Zen 4 (docs/benchmarks.md); other CPUs
+# may cross over elsewhere. Other dtypes (float16, float64) always take SDPA.
 MATMUL_LIMITS = {
     torch.bfloat16: {'train': (256, 1 << 23), 'eval': (196, 1 << 22)},
     torch.float32: {'train': (144, 1 << 21), 'eval': (100, 1 << 20)},
 }
+# ... and only for heads of at most this size: H-MaiT's 32. At MaiT's 64 (196 tokens, 6 heads) the
+# matmuls' forward took twice SDPA's time and the training pass was level.
+MATMUL_MAX_HEAD_DIM = 32
 
 
 def global_backend(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> str:
@@ -43,7 +45,7 @@ def global_backend(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tens
     if (q.device.type != 'cpu' or exporting() or torch.compiler.is_compiling() or torch.jit.is_tracing()):
         return 'sdpa'
     limits = MATMUL_LIMITS.get(q.dtype)
-    if limits is None:
+    if limits is None or q.shape[-1] > MATMUL_MAX_HEAD_DIM:
         return 'sdpa'
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v))
     max_tokens, max_logits = limits['train' if grad else 'eval']
