@@ -20,7 +20,7 @@ for ONNX Runtime, whose allocations torch cannot see).
 ``<model>+attention-free`` (``benchmark.py --attention-free``) is an H-MaiT or MaiT model whose
 attention layers keep their qkv and output projections but mix no tokens
 (:func:`without_token_mixing`). Everything else runs as in the model, so its ratio against Swin is
-the most that any change to the attention (masked and global heads alike) could give it.
+about the most that any change to the attention (masked and global heads alike) could give it.
 """
 from __future__ import annotations
 

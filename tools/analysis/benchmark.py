@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--threads', type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument('--attention-free', action='store_true', default=None,
                         help='also time each H-MaiT/MaiT model with its attention reduced to the qkv and output '
-                             'projections: the most any change to its attention could gain')
+                             'projections: about the most any change to its attention could gain')
     parser.add_argument('--backbones', nargs='+', metavar='BxCxHxW',
                         help="also time HMaiT against mmdet's SwinTransformer at these input shapes")
     parser.add_argument('--backbone-arch', default='tiny', choices=('tiny', 'small', 'base'),
