@@ -1,13 +1,15 @@
 """The global heads' two paths (torch's SDPA and plain matmuls) against the unmasked dense reference."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-import hmait.ops.global_attention  # noqa: F401  (the module, which hmait.ops's function shadows)
 from hmait.ops import dense_attention_map, global_attention
 from hmait.ops.global_attention import MATMUL_LIMITS, MATMUL_MAX_HEAD_DIM, global_backend
 
-global_attention_module = __import__('sys').modules['hmait.ops.global_attention']
+# The module itself: hmait.ops's function of the same name shadows it as an attribute.
+global_attention_module = importlib.import_module('hmait.ops.global_attention')
 
 BACKENDS = ('sdpa', 'matmul')
 
@@ -101,7 +103,7 @@ def test_auto_runs_the_backend_it_picks(monkeypatch):
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
-def test_autocast_gives_both_backends_the_autocast_dtype(backend, monkeypatch):
+def test_autocast_gives_both_backends_the_autocast_dtype(backend):
     """float32 inputs under bf16 autocast: both backends compute in bf16, as SDPA does there, and 'auto'
     picks by bf16's limits (this length is past float32's evaluation limit, inside bf16's)."""
     n = MATMUL_LIMITS[torch.float32]['eval'][0] + 4
