@@ -45,9 +45,12 @@ __all__ = ['build', 'cpu_kernel_status', 'decided_status', 'extension_dir', 'is_
 
 _EXTENSION_NAME = 'hmait_masked_attention_cpu'
 _CSRC = Path(__file__).resolve().parent / 'csrc'
-_SOURCES = ('masked_attention_cpu.cpp', 'masked_attention_cpu_default.cpp', 'masked_attention_cpu_avx2.cpp',
-            'masked_attention_cpu_avx512.cpp')
-_HEADERS = ('masked_attention_cpu_kernel.h', 'masked_attention_cpu_kernel_impl.h')
+# The torch-free kernel sources, shared with the OpenVINO extension (hmait.ops.openvino_extension), and the
+# torch op layer around them.
+KERNEL_SOURCES = ('masked_attention_cpu_isa.cpp', 'masked_attention_cpu_default.cpp', 'masked_attention_cpu_avx2.cpp',
+                  'masked_attention_cpu_avx512.cpp')
+_SOURCES = ('masked_attention_cpu.cpp', *KERNEL_SOURCES)
+KERNEL_HEADERS = ('masked_attention_cpu_kernel.h', 'masked_attention_cpu_kernel_impl.h')
 # No -march flags: the AVX2 and AVX-512 variants are enabled per function in their own sources and
 # chosen at run time from the CPU, so the library runs on any x86-64 (and builds elsewhere).
 _CFLAGS = ('-O3', '-fopenmp', '-ffp-contract=fast')
@@ -70,7 +73,7 @@ def extension_dir() -> Path:
 
 def _missing_prerequisite() -> str | None:
     """Why a build cannot even start, checked before handing over to cpp_extension."""
-    missing = [name for name in _SOURCES + _HEADERS if not (_CSRC / name).is_file()]
+    missing = [name for name in _SOURCES + KERNEL_HEADERS if not (_CSRC / name).is_file()]
     if missing:
         return f'the kernel sources are not installed: {", ".join(missing)} missing from {_CSRC}'
     if sys.platform == 'win32':

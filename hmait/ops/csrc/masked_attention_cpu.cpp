@@ -24,7 +24,6 @@
 #include <torch/library.h>
 
 #include <atomic>
-#include <cstdlib>
 #include <string>
 #include <tuple>
 
@@ -38,42 +37,6 @@ using at::Tensor;
 // ---- instruction-set selection ----
 
 constexpr const char* kIsaNames[] = {"default", "avx2", "avx512"};
-
-KernelFn kernel_for(int isa) {
-  switch (isa) {
-    case 2: return kernel_avx512();
-    case 1: return kernel_avx2();
-    default: return kernel_default();
-  }
-}
-
-bool cpu_supports(int isa) {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  if (isa == 2)
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("bmi2");
-  if (isa == 1)
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
-#endif
-  return isa == 0;
-}
-
-bool usable(int isa) { return kernel_for(isa) != nullptr && cpu_supports(isa); }
-
-int best_isa() {
-  // ATEN_CPU_CAPABILITY caps torch's own kernels; it caps these the same way.
-  int cap = 2;
-  if (const char* env = std::getenv("ATEN_CPU_CAPABILITY")) {
-    const std::string value(env);
-    if (value == "default") cap = 0;
-    else if (value == "avx2") cap = 1;
-  }
-  for (int isa = cap; isa > 0; --isa)
-    if (usable(isa)) return isa;
-  return 0;
-}
 
 std::atomic<int>& current_isa() {
   static std::atomic<int> isa{best_isa()};
@@ -91,7 +54,7 @@ std::string select_isa(c10::string_view requested) {
       if (name == kIsaNames[i]) isa = i;
     TORCH_CHECK(isa >= 0, "masked_attention_cpu_isa: requested must be '', 'best', 'default', 'avx2' or 'avx512', "
                 "got '", name, "'");
-    TORCH_CHECK(usable(isa), "masked_attention_cpu_isa: '", name, "' is not available ",
+    TORCH_CHECK(isa_usable(isa), "masked_attention_cpu_isa: '", name, "' is not available ",
                 kernel_for(isa) == nullptr ? "in this build (compiler or architecture)" : "on this CPU");
     current_isa() = isa;
   }
@@ -173,12 +136,6 @@ void run_stage(KernelFn kernel, Stage stage, const Args& args, int64_t items, in
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) { kernel(stage, args, begin, end); });
 }
 
-// Work items of the grid stages cost about mask_size^2 * d multiply-adds; aim for chunks of ~32k.
-int64_t grid_grain(const Args& args) {
-  const int64_t per_item = (args.mask_size * args.mask_size + args.num_prefix) * (args.head_dim + args.value_dim);
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(per_item, 1));
-}
-
 // ---- the ops ----
 
 std::tuple<Tensor, Tensor> masked_attention_cpu_fwd(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
@@ -198,9 +155,7 @@ std::tuple<Tensor, Tensor> masked_attention_cpu_fwd(const Tensor& q_in, const Te
   args.lse = lse.data_ptr();
   args.value_sum = value_sum.data_ptr();
   const KernelFn kernel = kernel_for(current_isa().load());
-  if (hard) run_stage(kernel, Stage::kValueSum, args, batch * heads, 1);
-  run_stage(kernel, Stage::kForwardGrid, args, batch * heads * h * w, grid_grain(args));
-  run_stage(kernel, Stage::kForwardPrefix, args, batch * heads * num_prefix, 1);
+  run_forward(args, [&](Stage stage, int64_t items, int64_t grain) { run_stage(kernel, stage, args, items, grain); });
   return {out, lse};
 }
 

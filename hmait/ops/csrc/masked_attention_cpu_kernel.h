@@ -67,4 +67,24 @@ KernelFn kernel_default();
 KernelFn kernel_avx2();
 KernelFn kernel_avx512();
 
+// ---- What every op layer (torch's, OpenVINO's) shares: masked_attention_cpu_isa.cpp, torch-free ----
+
+// The variants by number: 0 default, 1 AVX2, 2 AVX-512.
+KernelFn kernel_for(int isa);
+// Whether this build has the variant and this CPU can run it.
+bool isa_usable(int isa);
+// The best usable variant, capped like torch's own kernels by the ATEN_CPU_CAPABILITY variable.
+int best_isa();
+// Work items per chunk of the grid stages: each item costs about mask_size^2 * d multiply-adds.
+int64_t grid_grain(const Args& args);
+
+// The forward pass as its stages in order: parallel(stage, items, grain) must run
+// kernel(stage, args, begin, end) over the items [0, items) in chunks of about grain.
+template <class Parallel>
+void run_forward(const Args& args, Parallel&& parallel) {
+  if (args.hard) parallel(Stage::kValueSum, args.batch * args.heads, int64_t(1));
+  parallel(Stage::kForwardGrid, args.batch * args.heads * args.h * args.w, grid_grain(args));
+  parallel(Stage::kForwardPrefix, args.batch * args.heads * args.num_prefix, int64_t(1));
+}
+
 }  // namespace hmait_cpu
