@@ -1,10 +1,13 @@
-"""ONNX export of H-MaiT and MaiT models, checked against PyTorch in ONNX Runtime.
+"""ONNX export of H-MaiT and MaiT models, checked against PyTorch in ONNX Runtime or OpenVINO.
 
-The exported graph holds only standard ONNX operators: the masked heads take the 'halo' path of
-:mod:`hmait.ops` (tiles with a gathered key halo, batched MatMuls), which every runtime reads.
+By default the exported graph holds only standard ONNX operators: the masked heads take the 'halo'
+path of :mod:`hmait.ops` (tiles with a gathered key halo, batched MatMuls), which every runtime
+reads. ``masked_heads='openvino'`` (or ``'openvino-bf16'``) writes one ``hmait.MaskedAttention`` node
+per masked-head layer instead, which OpenVINO runs with the project's CPU kernel
+(:mod:`hmait.ops.openvino_extension`); no other runtime reads such a file.
 With ``dynamic=True`` the batch, height and width stay symbolic, so one file runs at every input
 size the PyTorch model accepts. ``tools/deploy/export_onnx.py`` is the command line around this.
-onnx, onnxscript and onnxruntime are imported only here, when an export is asked for.
+onnx, onnxscript, onnxruntime and openvino are imported only here, when an export is asked for.
 """
 from __future__ import annotations
 
@@ -12,12 +15,13 @@ import os
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 
 from .benchmark.measure import time_alternating
-from .ops.masked_attention import HALO_TILE
+from .ops.masked_attention import EXPORT_FORMS, HALO_TILE, export_masked_heads
 
 # torch.export fixes sizes of 0 and 1 to constants, so a dynamic export traces a batch of at least 2,
 # and images of at least 448 px: then every stage of a stride-32 model has at least two halo tiles per
@@ -78,14 +82,17 @@ def output_names(outputs) -> list[str]:
 
 
 def export_onnx(model: nn.Module, path: str, image: torch.Tensor, dynamic: bool = False,
-                opset: int | None = None) -> list[str]:
+                opset: int | None = None, masked_heads: str = 'halo') -> list[str]:
     """Export ``model`` with ``torch.onnx.export(..., dynamo=True)``; returns the output names.
 
     image: an example ``(B, C, H, W)`` batch. ``dynamic`` makes batch, height and width symbolic
     (input name ``image``); the trace then runs on a random batch of at least 2 images of at least
     448 px, since torch.export would fix sizes of 1 (a batch, or a stage's count of halo tiles) to
-    constants. ``opset``: the ONNX opset (default: the exporter's).
+    constants. ``opset``: the ONNX opset (default: the exporter's). ``masked_heads``: how the hard
+    and strict masked heads are written, one of :data:`hmait.ops.masked_attention.EXPORT_FORMS`.
     """
+    if masked_heads not in EXPORT_FORMS:
+        raise ValueError(f'masked_heads must be one of {EXPORT_FORMS}, got {masked_heads!r}')
     if image.dim() != 4:
         raise ValueError(f'image must have shape (B, C, H, W), got {tuple(image.shape)}')
     if dynamic:
@@ -102,7 +109,7 @@ def export_onnx(model: nn.Module, path: str, image: torch.Tensor, dynamic: bool 
                                      3: dim('width', min=1, max=_MAX_SIDE)},)
     if opset is not None:
         kwargs['opset_version'] = opset
-    with torch.no_grad():
+    with torch.no_grad(), export_masked_heads(masked_heads):
         torch.onnx.export(model, (image,), path, input_names=['image'], output_names=names, dynamo=True,
                           **kwargs)
     return names
@@ -127,42 +134,85 @@ def onnxruntime_session(path: str, threads: int | None = None):
     return ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
 
 
+OPENVINO_PRECISIONS = ('f32', 'bf16')
+
+
+def uses_openvino_extension(path: str) -> bool:
+    """Whether the ONNX file holds ``hmait.MaskedAttention`` nodes (an export with ``masked_heads='openvino'``)."""
+    import onnx
+
+    graph = onnx.load(path, load_external_data=False).graph
+    return any(node.domain == 'hmait' for node in graph.node)
+
+
+class OpenVINOSession:
+    """An ONNX file compiled by OpenVINO for the CPU, behind the two calls of an ONNX Runtime session
+    that this module makes (``get_inputs()`` and ``run(None, feed)``).
+
+    ``precision`` is OpenVINO's inference precision, set explicitly: its default on CPUs with AVX-512
+    BF16 or AMX is bf16, which changes results. The project's extension is loaded when the file holds
+    its nodes (building it on first use). ``threads``: inference threads (default torch's).
+    """
+
+    def __init__(self, path: str, precision: str = 'f32', threads: int | None = None):
+        import openvino as ov
+
+        if precision not in OPENVINO_PRECISIONS:
+            raise ValueError(f'the OpenVINO precision must be one of {OPENVINO_PRECISIONS}, got {precision!r}')
+        core = ov.Core()
+        if uses_openvino_extension(path):
+            from .ops import openvino_extension
+            openvino_extension.load_into(core)
+        config = {'INFERENCE_PRECISION_HINT': precision, 'INFERENCE_NUM_THREADS': threads or torch.get_num_threads(),
+                  'PERFORMANCE_HINT': 'LATENCY'}
+        self.compiled = core.compile_model(core.read_model(path), 'CPU', config)
+        self.request = self.compiled.create_infer_request()
+
+    def get_inputs(self) -> list[SimpleNamespace]:
+        return [SimpleNamespace(name=port.any_name) for port in self.compiled.inputs]
+
+    def run(self, output_names, feed: dict) -> list:
+        """Every output (``output_names`` must be None, as this module passes it) for one input feed."""
+        results = self.request.infer(list(feed.values()))
+        return [results[output].copy() for output in self.compiled.outputs]
+
+
 @dataclass
 class Check:
-    """ONNX Runtime against PyTorch on one input."""
+    """A runtime (ONNX Runtime or OpenVINO) against PyTorch on one input."""
     shape: tuple[int, ...]
     max_abs_diff: float                # over every output
     torch_images_per_s: float
-    onnxruntime_images_per_s: float
+    runtime_images_per_s: float
 
 
 def check_against_torch(model: nn.Module, session, image: torch.Tensor, repeats: int = 3) -> Check:
-    """Run ``image`` through both, compare every output and time them alternately (median of repeats,
-    with the benchmarks' timer)."""
+    """Run ``image`` through PyTorch and ``session`` (ONNX Runtime's or an :class:`OpenVINOSession`),
+    compare every output and time them alternately (median of repeats, with the benchmarks' timer)."""
     with torch.inference_mode():
         expected = model(image)
     expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
     feed = {session.get_inputs()[0].name: image.numpy()}
     got = session.run(None, feed)
     if len(got) != len(expected):
-        raise RuntimeError(f'ONNX Runtime returned {len(got)} outputs, PyTorch {len(expected)}')
+        raise RuntimeError(f'the runtime returned {len(got)} outputs, PyTorch {len(expected)}')
     diff = 0.
     for i, (g, e) in enumerate(zip(got, expected)):
         if tuple(g.shape) != tuple(e.shape):
-            raise RuntimeError(f'output {i}: ONNX Runtime shape {tuple(g.shape)}, PyTorch {tuple(e.shape)}')
+            raise RuntimeError(f'output {i}: the runtime gave shape {tuple(g.shape)}, PyTorch {tuple(e.shape)}')
         diff = max(diff, float((torch.from_numpy(g) - e).abs().max()))
     def run_torch() -> None:
         with torch.inference_mode():
             model(image)
 
     # Both already ran once above, which is their warm-up.
-    times, errors = time_alternating({'torch': run_torch, 'onnxruntime': lambda: session.run(None, feed)},
+    times, errors = time_alternating({'torch': run_torch, 'runtime': lambda: session.run(None, feed)},
                                      reps=repeats, warmup=0)
     if errors:
         raise RuntimeError(f'timing failed: {errors}')
     batch = image.shape[0]
     return Check(tuple(image.shape), diff, batch / statistics.median(times['torch']),
-                 batch / statistics.median(times['onnxruntime']))
+                 batch / statistics.median(times['runtime']))
 
 
 def top1_accuracy(predict, loader) -> float:

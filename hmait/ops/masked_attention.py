@@ -16,9 +16,12 @@ Modes (how a non-neighbour logit ``s = q.k / sqrt(d)`` enters the softmax):
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.util
 import os
 import warnings
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +29,16 @@ from torch.utils.checkpoint import checkpoint
 
 from .checks import check_grid, check_int, check_mask_size, check_mode, check_packed_qkv, exporting
 
-BACKENDS = ('auto', 'torch', 'halo', 'triton', 'cpu')
+BACKENDS = ('auto', 'torch', 'halo', 'triton', 'cpu', 'openvino')
+
+# How an export writes the hard and strict masked heads: 'halo' (standard ONNX operators, readable by
+# every runtime; the default) or 'openvino' (one node hmait.MaskedAttention per layer, which OpenVINO
+# runs with the project's CPU kernel once hmait.ops.openvino_extension is loaded). 'openvino-bf16' casts
+# the node's input and output to bfloat16: OpenVINO runs custom nodes in the precision the graph gives
+# them, so under its bf16 inference precision a float32 node costs two conversions per layer, while
+# under f32 precision a bf16 node rounds its inputs. Set with export_masked_heads(); read when traced.
+EXPORT_FORMS = ('halo', 'openvino', 'openvino-bf16')
+_EXPORT_FORM = contextvars.ContextVar('hmait_export_masked_heads', default='halo')
 
 # 'auto' picks the compiled kernels for hard/strict heads (Triton on CUDA, C++ on CPU); this
 # variable, read once at import, turns that off ('torch') without touching code.
@@ -366,6 +378,25 @@ def _halo_attention(q, k, v, h, w, mask_size, mode, num_prefix_tokens, scale, ti
     return out.to(out_dtype)
 
 
+def _openvino_node(qkv: torch.Tensor, h, w, mask_size: int, mode: str, num_prefix_tokens: int,
+                   scale: float | None) -> torch.Tensor:
+    """The ONNX node ``hmait.MaskedAttention`` of a packed ``(B, N, 3, heads, d)`` qkv -> ``(B, N, heads, d)``.
+
+    Only an exporter can trace it; the grid goes in as a tensor, so ``h`` and ``w`` stay symbolic in a
+    dynamic export. Its attributes are those the OpenVINO operation reads (masked_attention_openvino.cpp).
+    """
+    b, n, _, heads, d = qkv.shape
+    scale = d ** -0.5 if scale is None else scale
+    dtype = qkv.dtype
+    if _EXPORT_FORM.get() == 'openvino-bf16':
+        qkv = qkv.to(torch.bfloat16)
+    grid = torch.tensor([h, w], dtype=torch.int64)
+    attributes = dict(mask_size=mask_size, mode=mode, num_prefix_tokens=num_prefix_tokens, scale=float(scale))
+    out = torch.onnx.ops.symbolic('hmait::MaskedAttention', (qkv, grid), attributes, dtype=qkv.dtype,
+                                  shape=(b, n, heads, d), version=1)
+    return out.to(dtype)
+
+
 def _triton_local_attention(q, k, v, h, w, mask_size, mode, num_prefix_tokens, scale):
     """Hard or strict masked attention with the grid queries in the fused Triton kernels."""
     from .triton_masked import triton_grid_attention  # imported lazily: triton is optional
@@ -401,8 +432,20 @@ def _cpu_kernel_status() -> tuple[bool, str]:
 
 
 
+@contextlib.contextmanager
+def export_masked_heads(form: str) -> Iterator[None]:
+    """Within the block, exports write the hard and strict masked heads in ``form`` (:data:`EXPORT_FORMS`)."""
+    if form not in EXPORT_FORMS:
+        raise ValueError(f'the export form of the masked heads must be one of {EXPORT_FORMS}, got {form!r}')
+    token = _EXPORT_FORM.set(form)
+    try:
+        yield
+    finally:
+        _EXPORT_FORM.reset(token)
+
+
 def _choose_backend(q: torch.Tensor, v_dim: int, mode: str, backend: str) -> str:
-    """'torch', 'halo', 'triton' or 'cpu' for this call (see :func:`masked_attention`'s ``backend``)."""
+    """'torch', 'halo', 'triton', 'cpu' or 'openvino' for this call (see :func:`masked_attention`'s ``backend``)."""
     if backend not in BACKENDS:
         raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
     if backend == 'auto':
@@ -410,7 +453,7 @@ def _choose_backend(q: torch.Tensor, v_dim: int, mode: str, backend: str) -> str
         if backend not in BACKENDS:
             raise ValueError(f'the environment variable {_BACKEND_ENV} must be one of {BACKENDS}, '
                              f'got {backend!r}')
-    if backend in ('halo', 'triton', 'cpu'):
+    if backend in ('halo', 'triton', 'cpu', 'openvino'):
         if mode == 'soft':
             raise ValueError(f"backend={backend!r} implements mode 'hard' and 'strict'; "
                              "use backend 'auto' or 'torch' for mode 'soft'")
@@ -418,13 +461,19 @@ def _choose_backend(q: torch.Tensor, v_dim: int, mode: str, backend: str) -> str
             available, reason = _cpu_kernel_status()
             if not available:
                 raise RuntimeError(f"backend='cpu': the compiled CPU kernel is unavailable: {reason}")
+        if backend == 'openvino' and not exporting():
+            raise ValueError("backend='openvino' writes an OpenVINO node into an export and runs only while "
+                             "torch.onnx.export traces; in PyTorch use backend 'auto'")
+        if backend == 'openvino' and v_dim != q.shape[-1]:
+            raise ValueError(f"backend='openvino' takes the packed qkv of one head size; got head sizes "
+                             f"{q.shape[-1]} (q, k) and {v_dim} (v)")
         return backend
     if backend == 'torch' or mode == 'soft':
         return 'torch'
     if exporting():
-        # ONNX and torch.export graphs hold standard operators only, which every runtime knows: the
-        # halo form's batched MatMuls rather than the shifted slices of the 'torch' path.
-        return 'halo'
+        # By default ONNX and torch.export graphs hold standard operators only, which every runtime
+        # knows: the halo form's batched MatMuls rather than the shifted slices of the 'torch' path.
+        return 'halo' if _EXPORT_FORM.get() == 'halo' else 'openvino'
     if q.dtype not in _KERNEL_DTYPES:
         return 'torch'
     if q.is_cuda:
@@ -458,13 +507,16 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw, mask
 
     * 'auto': the compiled kernels where they can run: Triton on CUDA when triton is installed,
       the C++ kernel (:mod:`hmait.ops.cpu_kernel`) on CPU when it is built, with one warning per
-      process when it is not. ONNX and ``torch.export`` exports take 'halo', and under
+      process when it is not. ONNX and ``torch.export`` exports take 'halo' (or the form set by
+      :func:`export_masked_heads`), and under
       ``torch.compile`` the CPU kernel is used only if it was loaded before tracing.
       ``HMAIT_MASKED_ATTENTION_BACKEND=torch``, read when hmait is imported, turns 'auto' into 'torch'.
     * 'torch': the portable PyTorch path, the reference of every kernel.
     * 'halo': tiles with a halo of keys, batched MatMuls in standard operators (what exports hold).
     * 'triton': the fused Triton kernels (CPU tensors only under ``TRITON_INTERPRET=1``).
     * 'cpu': the compiled CPU kernel; an error says why when it is unavailable.
+    * 'openvino': only while exporting: one ``hmait.MaskedAttention`` node, which OpenVINO runs with the
+      project's extension (:mod:`hmait.ops.openvino_extension`).
     """
     h, w = _validate(q, k, v, hw, mask_size, mode, alpha, num_prefix_tokens)
     chosen = _choose_backend(q, v.shape[-1], mode, backend)
@@ -481,6 +533,9 @@ def _run(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int
     if backend == 'cpu':
         from .cpu_kernel import masked_attention_cpu
         return masked_attention_cpu(q, k, v, (h, w), mask_size, mode, num_prefix_tokens, scale)
+    if backend == 'openvino':
+        qkv = torch.stack([q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)], dim=2)
+        return _openvino_node(qkv, h, w, mask_size, mode, num_prefix_tokens, scale).transpose(1, 2)
     if mode == 'soft':
         return _soft_chunked(q, k, v, h, w, mask_size, alpha, num_prefix_tokens, scale)
     return _local_grid_attention(q, k, v, h, w, mask_size, mode, num_prefix_tokens, scale)
@@ -516,4 +571,6 @@ def masked_attention_qkv(qkv: torch.Tensor, hw, mask_size: int = 3, mode: str = 
     if chosen == 'cpu':
         from .cpu_kernel import masked_attention_qkv_cpu
         return masked_attention_qkv_cpu(qkv, (h, w), mask_size, mode, num_prefix_tokens, scale)
+    if chosen == 'openvino':
+        return _openvino_node(qkv, h, w, mask_size, mode, num_prefix_tokens, scale)
     return _run(chosen, q, k, v, h, w, mask_size, mode, alpha, num_prefix_tokens, scale).transpose(1, 2)

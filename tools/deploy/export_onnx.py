@@ -1,16 +1,23 @@
 #!/usr/bin/env python
-"""Export an H-MaiT or MaiT model to ONNX and check it in ONNX Runtime against PyTorch.
+"""Export an H-MaiT or MaiT model to ONNX and check it in ONNX Runtime or OpenVINO against PyTorch.
 
     python tools/deploy/export_onnx.py CONFIG_OR_MODEL [CHECKPOINT] --out FILE [--dynamic] [--opset N]
                                        [--shape H W] [--batch N] [--features] [--check-shapes HxW ...]
+                                       [--masked-heads halo|openvino|openvino-bf16]
+                                       [--runtime onnxruntime|openvino] [--precision f32|bf16]
                                        [--threads N] [--atol X] [--int8] [--data DIR [--num-images N]]
 
 CONFIG_OR_MODEL is a timm model name (``hmait_tiny``; with ``--features`` its multi-scale maps), a
-classification config, or a detection / segmentation config whose backbone is exported. The graph
-holds standard ONNX operators only. ``--dynamic`` keeps batch, height and width symbolic: one file
-for every input size. After exporting, a random input goes through ONNX Runtime and PyTorch (at
-``--shape``, and with ``--dynamic`` also at every ``--check-shapes`` size); the tool prints the
-largest difference and both throughputs, and exits with status 1 when a difference exceeds --atol.
+classification config, or a detection / segmentation config whose backbone is exported. By default
+the graph holds standard ONNX operators only; ``--masked-heads openvino`` writes each masked-head
+layer as one ``hmait.MaskedAttention`` node instead, which OpenVINO runs with the project's CPU kernel
+(``openvino-bf16``: the node reads and writes bfloat16, for OpenVINO's bf16 inference precision).
+``--dynamic`` keeps batch, height and width symbolic: one file for every input size. After
+exporting, a random input goes through the runtime and PyTorch (at ``--shape``, and with
+``--dynamic`` also at every ``--check-shapes`` size); the tool prints the largest difference and both
+throughputs, and exits with status 1 when a difference exceeds --atol. The runtime is ONNX Runtime
+for standard files and OpenVINO (with the extension) for files with the project's nodes;
+``--precision`` is OpenVINO's inference precision.
 ``--int8`` also writes FILE with ``.onnx`` replaced by ``.int8.onnx``: ONNX Runtime's dynamic int8
 quantization, checked the same way (its difference is reported, not held to --atol). ``--data``
 (a classifier and an ImageNet-layout folder, ``val/`` when there is one) adds the top-1 accuracy of
@@ -36,8 +43,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--features', action='store_true', help="a timm model's multi-scale maps (features_only)")
     parser.add_argument('--check-shapes', nargs='+', default=['256x320', '384x384'], metavar='HxW',
                         help='with --dynamic, more input sizes to check (default 256x320 384x384)')
-    parser.add_argument('--threads', type=int, help='threads for PyTorch and ONNX Runtime (default: torch\'s)')
-    parser.add_argument('--atol', type=float, default=1e-3, help='largest allowed difference (default 1e-3)')
+    parser.add_argument('--masked-heads', default='halo', choices=('halo', 'openvino', 'openvino-bf16'),
+                        help='halo: standard ONNX operators (default); openvino: one hmait.MaskedAttention node '
+                             'per layer, run by OpenVINO with the project\'s extension; openvino-bf16: that node in '
+                             'bfloat16, for OpenVINO\'s bf16 inference precision')
+    parser.add_argument('--runtime', choices=('onnxruntime', 'openvino'),
+                        help='runtime of the check (default: onnxruntime for halo, openvino otherwise)')
+    parser.add_argument('--precision', choices=('f32', 'bf16'),
+                        help="OpenVINO's inference precision (default: bf16 for --masked-heads openvino-bf16, "
+                             'else f32)')
+    parser.add_argument('--threads', type=int, help="threads for PyTorch and the runtime (default: torch's)")
+    parser.add_argument('--atol', type=float,
+                        help='largest allowed difference (default 1e-3, and 3e-2 at OpenVINO precision bf16)')
     parser.add_argument('--int8', action='store_true', help="also write ONNX Runtime's dynamic int8 quantization")
     parser.add_argument('--data', help='ImageNet-layout folder: also report top-1 accuracy on its images')
     parser.add_argument('--num-images', type=int, default=1000, help='with --data, at most this many (default 1000)')
@@ -48,6 +65,20 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f'--{name} must be a positive integer, got {value}')
     if min(args.shape) < 1:
         parser.error(f'--shape must be two positive sizes, got {args.shape}')
+    if args.runtime is None:
+        args.runtime = 'onnxruntime' if args.masked_heads == 'halo' else 'openvino'
+    if args.runtime == 'onnxruntime' and args.masked_heads != 'halo':
+        parser.error(f'--masked-heads {args.masked_heads} writes nodes only OpenVINO runs (with the project\'s '
+                     'extension); check it with --runtime openvino')
+    if args.precision is not None and args.runtime != 'openvino':
+        parser.error('--precision is OpenVINO\'s inference precision; it needs --runtime openvino')
+    if args.precision is None:
+        args.precision = 'bf16' if args.masked_heads == 'openvino-bf16' else 'f32'
+    if args.int8 and args.runtime != 'onnxruntime':
+        parser.error('--int8 is ONNX Runtime\'s dynamic quantization; it needs --runtime onnxruntime and '
+                     '--masked-heads halo')
+    if args.atol is None:
+        args.atol = 3e-2 if args.runtime == 'openvino' and args.precision == 'bf16' else 1e-3
     return args
 
 
@@ -57,6 +88,7 @@ def main(argv=None) -> int:
 
     from hmait.analysis.tooling import image_loader
     from hmait.deploy import (
+        OpenVINOSession,
         build_model,
         check_against_torch,
         export_onnx,
@@ -86,7 +118,8 @@ def main(argv=None) -> int:
     channels = getattr(model, 'in_channels', 3)
     image = torch.randn(args.batch, channels, *args.shape, generator=gen)
     try:
-        names = export_onnx(model, str(out), image, dynamic=args.dynamic, opset=args.opset)
+        names = export_onnx(model, str(out), image, dynamic=args.dynamic, opset=args.opset,
+                            masked_heads=args.masked_heads)
     except Exception as err:  # the exporter raises many types; the user needs the reason, not the trace
         print(f'export_onnx: error: torch.onnx.export of {args.source} failed: {type(err).__name__}: '
               f'{str(err).strip().splitlines()[0] if str(err).strip() else ""}\n'
@@ -105,29 +138,41 @@ def main(argv=None) -> int:
         print(f'wrote {int8} (dynamic int8 quantization, {int8.stat().st_size / 2 ** 20:.1f} MiB)')
         files.append(('int8', int8))
     shapes = [(args.batch, *args.shape)] + [(args.batch, h, w) for h, w in extra]
-    print('| file | input | max abs diff | PyTorch img/s | ONNX Runtime img/s | ONNX Runtime / PyTorch |')
+    if args.runtime == 'openvino':
+        runtime = f'OpenVINO {args.precision}'
+
+        def open_session(path):
+            return OpenVINOSession(str(path), args.precision, args.threads)
+    else:
+        runtime = 'ONNX Runtime'
+
+        def open_session(path):
+            return onnxruntime_session(str(path), args.threads)
+    print(f'| file | input | max abs diff | PyTorch img/s | {runtime} img/s | {runtime} / PyTorch |')
     print('|---|---|---:|---:|---:|---:|')
     worst = 0.
     for kind, path in files:
-        session = onnxruntime_session(str(path), args.threads)
+        try:
+            session = open_session(path)
+        except (ImportError, RuntimeError) as err:
+            print(f'export_onnx: error: {runtime} cannot run {path}: {err}', file=sys.stderr)
+            return 1
         for b, h, w in shapes:
             check = check_against_torch(model, session, torch.randn(b, channels, h, w, generator=gen))
             if kind == 'fp32':
                 worst = max(worst, check.max_abs_diff)
             print(f'| {kind} | {b}x{channels}x{h}x{w} | {check.max_abs_diff:.2e} | {check.torch_images_per_s:.2f} | '
-                  f'{check.onnxruntime_images_per_s:.2f} | '
-                  f'{check.onnxruntime_images_per_s / check.torch_images_per_s:.2f} |')
+                  f'{check.runtime_images_per_s:.2f} | {check.runtime_images_per_s / check.torch_images_per_s:.2f} |')
     if loader is not None:
         with torch.inference_mode():
             accuracy = [('PyTorch', top1_accuracy(model, loader))]
         for kind, path in files:
-            predict = session_predictor(onnxruntime_session(str(path), args.threads),
-                                        None if args.dynamic else args.batch)
-            accuracy.append((f'ONNX Runtime {kind}', top1_accuracy(predict, loader)))
+            predict = session_predictor(open_session(path), None if args.dynamic else args.batch)
+            accuracy.append((f'{runtime} {kind}', top1_accuracy(predict, loader)))
         print(f'top-1 on {len(loader.dataset)} images of {args.data}: '
               + ', '.join(f'{name} {acc:.2f} %' for name, acc in accuracy))
     if worst > args.atol:
-        print(f'export_onnx: error: ONNX Runtime differs from PyTorch by {worst:.2e} > --atol {args.atol}',
+        print(f'export_onnx: error: {runtime} differs from PyTorch by {worst:.2e} > --atol {args.atol}',
               file=sys.stderr)
         return 1
     return 0
