@@ -11,9 +11,13 @@ so the paired ratio is steadier than the ratio of the two medians on a shared ma
 Procedure (Swin's throughput measurement): a fixed random batch, warm-up iterations, then timed
 iterations; images/s = batch / seconds per iteration. ``inference`` runs the forward pass under
 ``torch.inference_mode``; ``train`` runs forward, cross-entropy, backward and an AdamW step.
-Runtimes: ``eager`` PyTorch, ``compile`` (``torch.compile``), and ``onnxruntime`` (inference in
+Runtimes: ``eager`` PyTorch, ``compile`` (``torch.compile``), ``onnxruntime`` (inference in
 fp32 only: both models exported with ``torch.onnx.export(..., dynamo=True)`` at the benchmark's
-batch and resolution, run by ONNX Runtime's CPU or CUDA provider with torch's thread count).
+batch and resolution, run by ONNX Runtime's CPU or CUDA provider with torch's thread count),
+``openvino`` (the same standard files, run by OpenVINO on the CPU at inference precision f32 or bf16,
+set explicitly) and ``openvino-kernel`` (H-MaiT and MaiT exported with their masked heads as the
+project's ``hmait.MaskedAttention`` nodes, in the run's precision, and run by OpenVINO with the
+project's extension; every other model, Swin included, exported and run as under ``openvino``).
 Peak memory: :func:`hmait.benchmark.measure.peak_memory_mib` over one iteration (not measured
 for ONNX Runtime, whose allocations torch cannot see).
 
@@ -86,7 +90,9 @@ def with_references(models: Sequence[str]) -> list[str]:
 
 MODES = ('inference', 'train')
 PRECISIONS = ('fp32', 'bf16')
-RUNTIMES = ('eager', 'compile', 'onnxruntime')
+RUNTIMES = ('eager', 'compile', 'onnxruntime', 'openvino', 'openvino-kernel')
+# The runtimes that run an exported file, for inference only.
+EXPORTED_RUNTIMES = ('onnxruntime', 'openvino', 'openvino-kernel')
 
 
 @dataclass(frozen=True)
@@ -98,8 +104,10 @@ class Setting:
     batch: int
 
     def supported(self) -> bool:
-        """ONNX Runtime runs the exported inference graph in fp32 only."""
-        return self.runtime != 'onnxruntime' or (self.mode == 'inference' and self.precision == 'fp32')
+        """Exported files run inference only, ONNX Runtime's in fp32 only (OpenVINO's in fp32 and bf16)."""
+        if self.runtime not in EXPORTED_RUNTIMES:
+            return True
+        return self.mode == 'inference' and (self.precision == 'fp32' or self.runtime != 'onnxruntime')
 
 
 @dataclass
@@ -208,6 +216,25 @@ def _onnxruntime_step(model: nn.Module, images: torch.Tensor, device: torch.devi
     return step
 
 
+def _openvino_step(model: nn.Module, images: torch.Tensor, setting: Setting, workdir: str) -> Callable[[], None]:
+    from ..deploy import OpenVINOSession, export_onnx
+
+    if images.device.type != 'cpu':
+        raise ValueError(f'runtime {setting.runtime!r} runs on the CPU only')
+    precision = 'f32' if setting.precision == 'fp32' else 'bf16'
+    masked_heads = 'halo'
+    if setting.runtime == 'openvino-kernel':
+        masked_heads = 'openvino' if precision == 'f32' else 'openvino-bf16'
+    path = os.path.join(workdir, f'{type(model).__name__}_{id(model)}.onnx')
+    export_onnx(model.eval(), path, images, masked_heads=masked_heads)
+    session = OpenVINOSession(path, precision)
+    feed = {'image': images.numpy()}
+
+    def step() -> None:
+        session.run(None, feed)
+    return step
+
+
 def make_step(model: nn.Module, setting: Setting, device: torch.device, workdir: str) -> Callable[[], None]:
     """One benchmark iteration on a fixed random batch: a forward pass or a full training step."""
     gen = torch.Generator().manual_seed(0)
@@ -215,6 +242,8 @@ def make_step(model: nn.Module, setting: Setting, device: torch.device, workdir:
     target = torch.randint(0, 1000, (setting.batch,), generator=gen).to(device)
     if setting.runtime == 'onnxruntime':
         return _onnxruntime_step(model, images, device, workdir)
+    if setting.runtime in ('openvino', 'openvino-kernel'):
+        return _openvino_step(model, images, setting, workdir)
     if setting.mode == 'inference':
         model.eval()
         fn = torch.compile(model) if setting.runtime == 'compile' else model
@@ -259,7 +288,7 @@ def measure_setting(models: Sequence[str], setting: Setting, device: torch.devic
             res.repetitions_images_per_s = [setting.batch / t for t in seconds]
             res.ms_per_iter = 1e3 * statistics.median(seconds)
             res.images_per_s = setting.batch / statistics.median(seconds)
-            if setting.runtime != 'onnxruntime':
+            if setting.runtime not in EXPORTED_RUNTIMES:
                 try:
                     res.peak_memory_mib = peak_memory_mib(steps[name], device)
                 except RUN_ERRORS as exc:
@@ -405,7 +434,7 @@ class BenchmarkPlan:
             raise ValueError('models must name at least one timm model')
         check_models(self.models)
         if not self.settings():
-            raise ValueError('no setting to run: onnxruntime runs inference in fp32 only')
+            raise ValueError('no setting to run: exported runtimes run inference only, onnxruntime in fp32 only')
 
 
 def default_plan(device: torch.device) -> BenchmarkPlan:

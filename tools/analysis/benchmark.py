@@ -3,7 +3,8 @@
 
     python tools/analysis/benchmark.py [--out-dir DIR] [--device cuda|cpu] [--models M ...]
                                        [--modes inference train] [--precisions fp32 bf16]
-                                       [--runtimes eager compile onnxruntime] [--batch N] [--resolution PX]
+                                       [--runtimes eager compile onnxruntime openvino openvino-kernel]
+                                       [--batch N] [--resolution PX]
                                        [--sweep PX ...] [--sweep-inference PX ...] [--sweep-batch N]
                                        [--warmup N] [--iters N] [--reps N] [--threads N]
                                        [--attention-free] [--backbones BxCxHxW ...] [--backbone-arch tiny]
@@ -12,7 +13,10 @@ With a GPU and no options it runs the whole GPU table: H-MaiT-T/S and Swin-T/S, 
 224 px, inference and training, fp32 and bf16 autocast, eager and torch.compile, then a sweep
 over 224..1024 px (2048 px for inference) at batch 8, then the masked-head kernel table. Without
 a GPU the default is a small CPU run (tiny models, batch 8, fp32, eager, no sweep); options widen
-it. ``onnxruntime`` exports both models and times ONNX Runtime (inference, fp32).
+it. ``onnxruntime`` exports both models and times ONNX Runtime (inference, fp32); ``openvino``
+times OpenVINO on the same standard files (inference, fp32 and bf16 as its inference precision);
+``openvino-kernel`` exports H-MaiT/MaiT with the project's masked-head nodes and runs them with the
+project's OpenVINO extension (Swin as under ``openvino``).
 
 Any timm model can be listed (``convnext_tiny``, ``deit_small_patch16_224``, ...): each is compared
 with the Swin of its size (H-MaiT-T, ConvNeXt-T and DeiT-S with Swin-T), which the run adds when it
@@ -41,8 +45,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='timm model names (default: H-MaiT-T/S and Swin-T/S on GPU, the tiny pair on CPU)')
     parser.add_argument('--modes', nargs='+', choices=('inference', 'train'))
     parser.add_argument('--precisions', nargs='+', choices=('fp32', 'bf16'), help='bf16 = autocast')
-    parser.add_argument('--runtimes', nargs='+', choices=('eager', 'compile', 'onnxruntime'),
-                        help='eager PyTorch, torch.compile, or ONNX Runtime on the exported model')
+    parser.add_argument('--runtimes', nargs='+',
+                        choices=('eager', 'compile', 'onnxruntime', 'openvino', 'openvino-kernel'),
+                        help='eager PyTorch, torch.compile, or ONNX Runtime / OpenVINO on the exported model '
+                             '(openvino-kernel: H-MaiT with its masked heads as the project\'s OpenVINO nodes)')
     parser.add_argument('--batch', type=int)
     parser.add_argument('--resolution', type=int, help='resolution of the main comparison (default 224)')
     parser.add_argument('--sweep', nargs='*', type=int, dest='sweep_resolutions', metavar='PX',
