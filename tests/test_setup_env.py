@@ -84,7 +84,7 @@ def test_failed_install_step_names_step_and_package(tmp_path):
     result = _run(repo, {**os.environ, 'HMAIT_PYTHON': sys.executable,
                          'HMAIT_WHEEL_CACHE': str(tmp_path / 'wheels')})
     assert result.returncode != 0
-    assert "step '[1/6] installing the build tools" in result.stderr
+    assert "step '[1/7] installing the build tools" in result.stderr
     assert 'failed while installing pip/setuptools/wheel/ninja' in result.stderr
     assert 'wheel==0.0.0.999' in result.stderr  # pip's own reason, from the end of its output
     assert 'the lock and setup.cfg disagree, or a pin does not exist' in result.stderr  # what to try
@@ -97,7 +97,7 @@ def test_core_mode_fails_at_the_same_step_with_its_own_count(tmp_path):
     lock.write_text(re.sub(r'(?m)^wheel==.*$', 'wheel==0.0.0.999', lock.read_text()))
     result = _run(repo, {**os.environ, 'HMAIT_PYTHON': sys.executable}, 'core')
     assert result.returncode != 0
-    assert "step '[1/4] installing the build tools" in result.stderr  # the core has 4 steps, the full set-up 6
+    assert "step '[1/4] installing the build tools" in result.stderr  # the core has 4 steps, the full set-up 7
     assert not (repo / '.venv' / '.hmait-setup-core-stamp').exists()
 
 

@@ -2,7 +2,9 @@
 # Build (or check) the project's virtual environment at .venv in the repository root.
 #
 #   bash tools/setup_env.sh [full]   everything: the core below plus mmcv (compiled ops), mmdet,
-#                                    mmsegmentation and the test tools (make setup, make test)
+#                                    mmsegmentation, the deployment runtimes (ONNX Runtime, OpenVINO
+#                                    and the project's OpenVINO extension) and the test tools
+#                                    (make setup, make test)
 #   bash tools/setup_env.sh core     classification only: torch, torchvision, timm, mmengine, the
 #                                    project and its CPU kernel (make demo); no mmcv compile
 # Both modes build the same .venv: 'full' after 'core' adds the rest without redoing the core.
@@ -35,7 +37,7 @@ log() { echo "setup_env: $*"; }
 mode="${1:-full}"
 case "$mode" in
   core) total=4 ;;
-  full) total=6 ;;
+  full) total=7 ;;
   *) fail "unknown mode '$mode' (the first argument): use 'core' (classification: torch, torchvision, timm," \
           "mmengine, the project and its CPU kernel) or 'full' (the core plus mmcv, mmdet, mmsegmentation and the" \
           "test tools; the default)" ;;
@@ -233,11 +235,19 @@ else
   log "[5/$total] mmcv $mmcv_version with ops is already installed"
 fi
 
-run_step "[6/$total] installing mmdet, mmsegmentation and the test tools at their locked versions" \
+run_step "[6/$total] installing mmdet, mmsegmentation, the deployment runtimes and the test tools at their locked versions" \
   "hmait[dev] and its dependencies" "$retry_hint" \
   "${pip[@]}" install --no-build-isolation -e ".[dev]"
 
 check_imports "$full_modules" || fail "the environment was built but 'import $full_modules' fails; see the traceback above"
+
+# The OpenVINO extension of the masked heads (hmait/ops/csrc), built against the openvino wheel into the
+# extension folder now rather than when an export first needs it.
+run_step "[7/$total] compiling the OpenVINO extension of the masked heads (about half a minute)" \
+  "the hmait OpenVINO extension (hmait/ops/csrc/masked_attention_openvino.cpp)" \
+  "The C++ compiler failed on the extension (it needs C++17); see the compiler's lines above." \
+  env MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$venv/bin/python" -c \
+  "from hmait.ops import openvino_extension as e; import sys; ok = e.build(verbose=True); print(e.status()[1]); sys.exit(not ok)"
 echo "$fingerprint" > "$core_stamp"
 echo "$fingerprint" > "$stamp"
 log "environment ready: $venv"
