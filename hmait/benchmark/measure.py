@@ -150,6 +150,10 @@ def hardware_record(device: torch.device | str = 'cpu') -> dict:
     with contextlib.suppress(ImportError):
         import onnxruntime
         info['onnxruntime'] = onnxruntime.__version__
+    with contextlib.suppress(ImportError):  # the package's metadata: importing openvino takes a while
+        from importlib.metadata import PackageNotFoundError, version
+        with contextlib.suppress(PackageNotFoundError):
+            info['openvino'] = version('openvino')
     if device.type == 'cuda':
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2 ** 30, 1),

@@ -444,6 +444,12 @@ def export_masked_heads(form: str) -> Iterator[None]:
         _EXPORT_FORM.reset(token)
 
 
+def _check_openvino_head_sizes(q: torch.Tensor, v_dim: int) -> None:
+    if v_dim != q.shape[-1]:
+        raise ValueError(f"the OpenVINO node takes a packed qkv of one head size; got head sizes {q.shape[-1]} "
+                         f"(q, k) and {v_dim} (v): export these heads with masked_heads='halo'")
+
+
 def _choose_backend(q: torch.Tensor, v_dim: int, mode: str, backend: str) -> str:
     """'torch', 'halo', 'triton', 'cpu' or 'openvino' for this call (see :func:`masked_attention`'s ``backend``)."""
     if backend not in BACKENDS:
@@ -461,19 +467,21 @@ def _choose_backend(q: torch.Tensor, v_dim: int, mode: str, backend: str) -> str
             available, reason = _cpu_kernel_status()
             if not available:
                 raise RuntimeError(f"backend='cpu': the compiled CPU kernel is unavailable: {reason}")
-        if backend == 'openvino' and not exporting():
-            raise ValueError("backend='openvino' writes an OpenVINO node into an export and runs only while "
-                             "torch.onnx.export traces; in PyTorch use backend 'auto'")
-        if backend == 'openvino' and v_dim != q.shape[-1]:
-            raise ValueError(f"backend='openvino' takes the packed qkv of one head size; got head sizes "
-                             f"{q.shape[-1]} (q, k) and {v_dim} (v)")
+        if backend == 'openvino':
+            if not exporting():
+                raise ValueError("backend='openvino' writes an OpenVINO node into an export and runs only while "
+                                 "torch.onnx.export traces; in PyTorch use backend 'auto'")
+            _check_openvino_head_sizes(q, v_dim)
         return backend
     if backend == 'torch' or mode == 'soft':
         return 'torch'
     if exporting():
         # By default ONNX and torch.export graphs hold standard operators only, which every runtime
         # knows: the halo form's batched MatMuls rather than the shifted slices of the 'torch' path.
-        return 'halo' if _EXPORT_FORM.get() == 'halo' else 'openvino'
+        if _EXPORT_FORM.get() == 'halo':
+            return 'halo'
+        _check_openvino_head_sizes(q, v_dim)
+        return 'openvino'
     if q.dtype not in _KERNEL_DTYPES:
         return 'torch'
     if q.is_cuda:
