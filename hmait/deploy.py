@@ -8,6 +8,8 @@ per masked-head layer instead, which OpenVINO runs with the project's CPU kernel
 With ``dynamic=True`` the batch, height and width stay symbolic, so one file runs at every input
 size the PyTorch model accepts. ``tools/deploy/export_onnx.py`` is the command line around this.
 onnx, onnxscript, onnxruntime and openvino are imported only here, when an export is asked for.
+:func:`export_aoti` writes an AOTInductor package instead (``tools/deploy/export_aoti.py``), which
+keeps the C++ kernel of the masked heads.
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ from .ops.masked_attention import EXPORT_FORMS, HALO_TILE, export_masked_heads
 _MIN_DYNAMIC_BATCH = 2
 _MIN_DYNAMIC_SIDE = 2 * HALO_TILE * 32
 _MAX_SIDE = 16384
+# The forms of the masked heads an ONNX file can hold ('kernel' is torch.export's, for AOTInductor).
+ONNX_FORMS = tuple(form for form in EXPORT_FORMS if form != 'kernel')
 
 
 def build_model(source: str, checkpoint: str | None = None, features: bool = False) -> nn.Module:
@@ -89,10 +93,10 @@ def export_onnx(model: nn.Module, path: str, image: torch.Tensor, dynamic: bool 
     (input name ``image``); the trace then runs on a random batch of at least 2 images of at least
     448 px, since torch.export would fix sizes of 1 (a batch, or a stage's count of halo tiles) to
     constants. ``opset``: the ONNX opset (default: the exporter's). ``masked_heads``: how the hard
-    and strict masked heads are written, one of :data:`hmait.ops.masked_attention.EXPORT_FORMS`.
+    and strict masked heads are written, one of :data:`ONNX_FORMS`.
     """
-    if masked_heads not in EXPORT_FORMS:
-        raise ValueError(f'masked_heads must be one of {EXPORT_FORMS}, got {masked_heads!r}')
+    if masked_heads not in ONNX_FORMS:
+        raise ValueError(f'masked_heads must be one of {ONNX_FORMS}, got {masked_heads!r}')
     if image.dim() != 4:
         raise ValueError(f'image must have shape (B, C, H, W), got {tuple(image.shape)}')
     if dynamic:
@@ -113,6 +117,46 @@ def export_onnx(model: nn.Module, path: str, image: torch.Tensor, dynamic: bool 
         torch.onnx.export(model, (image,), path, input_names=['image'], output_names=names, dynamo=True,
                           **kwargs)
     return names
+
+
+def export_aoti(model: nn.Module, path: str, image: torch.Tensor) -> str:
+    """An AOTInductor package of ``model`` at ``image``'s shape, its masked heads as the C++ kernel's op.
+
+    ``torch.export`` keeps ``hmait::masked_attention_cpu_qkv_fwd`` in the graph (export form
+    'kernel'), and ``torch._inductor.aoti_compile_and_package`` compiles the rest into ``path``
+    (``.pt2``); the package calls the op through torch's dispatcher, so the kernel's library must be
+    loaded before the package runs (:func:`load_aoti` does). The package is tied to this torch
+    version and CPU architecture, and to ``image``'s shape: the kernel op takes a static grid.
+    """
+    if image.dim() != 4:
+        raise ValueError(f'image must have shape (B, C, H, W), got {tuple(image.shape)}')
+    with torch.no_grad(), export_masked_heads('kernel'):
+        program = torch.export.export(model.eval(), (image,))
+    return torch._inductor.aoti_compile_and_package(program, package_path=path)
+
+
+class AOTISession:
+    """An AOTInductor package (:func:`export_aoti`) behind the two session calls this module makes.
+
+    Loads the project's CPU kernel first (building it if needed), since the package calls its op."""
+
+    def __init__(self, path: str):
+        from .ops import cpu_kernel
+
+        available, reason = cpu_kernel.cpu_kernel_status()
+        if not available:
+            raise RuntimeError(f'the package calls the hmait CPU kernel, which is unavailable: {reason}')
+        self.runner = torch._inductor.aoti_load_package(path)
+
+    def get_inputs(self) -> list[SimpleNamespace]:
+        return [SimpleNamespace(name='image')]
+
+    def run(self, output_names, feed: dict) -> list:
+        """Every output (``output_names`` must be None, as this module passes it) for one input feed."""
+        with torch.inference_mode():
+            outputs = self.runner(*(torch.from_numpy(x) for x in feed.values()))
+        outputs = [outputs] if isinstance(outputs, torch.Tensor) else outputs
+        return [o.numpy() for o in outputs]
 
 
 def quantize_int8(path: str, out: str) -> str:

@@ -136,7 +136,7 @@ def test_plan_rejects_what_cannot_run():
     plan = default_plan(torch.device('cpu'))
     assert plan.settings() and all(s.runtime == 'eager' for s in plan.settings())
     bad = BenchmarkPlan(**{**plan.__dict__, 'modes': ['train'], 'runtimes': ['onnxruntime']})
-    with pytest.raises(ValueError, match='exported runtimes run inference only, onnxruntime in fp32 only'):
+    with pytest.raises(ValueError, match='exported runtimes run inference only, onnxruntime and aoti in fp32 only'):
         bad.validate()
     with pytest.raises(ValueError, match='multiples of 32'):
         BenchmarkPlan(**{**plan.__dict__, 'resolution': 100}).validate()

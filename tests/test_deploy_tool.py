@@ -75,3 +75,24 @@ def test_export_tool_reports_top1_on_an_imagenet_folder(tmp_path):
     accuracy = dict(part.rsplit(' ', 2)[:2] for part in line.split(': ', 1)[1].split(', '))
     assert set(accuracy) == {'PyTorch', 'ONNX Runtime fp32'}
     assert accuracy['PyTorch'] == accuracy['ONNX Runtime fp32']
+
+
+def test_aoti_tool_compiles_a_package_and_checks_it(tmp_path):
+    out = tmp_path / 'demo.pt2'
+    proc = run_tool([python(), tool('deploy/export_aoti.py'), DEMO_CONFIG, '--out', str(out), '--shape', '64', '64',
+                     '--batch', '2'], timeout=600)
+    assert out.is_file()
+    rows = [[cell.strip() for cell in line.split('|')[1:-1]] for line in proc.stdout.splitlines()
+            if line.startswith('| 2x3x64x64 |')]
+    assert len(rows) == 1 and float(rows[0][1]) < 1e-3
+
+
+@pytest.mark.parametrize('args,message', [
+    (['hmait_tiny', '--out', 'x.onnx'], "--out must name a .pt2 file (an AOTInductor package), got 'x.onnx'"),
+    (['no_such_model', '--out', 'x.pt2'], "'no_such_model' is neither a config file (.py) nor a timm model"),
+])
+def test_aoti_tool_names_bad_input(tmp_path, args, message):
+    proc = run_tool([python(), tool('deploy/export_aoti.py'), *args], cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert not any(tmp_path.iterdir())

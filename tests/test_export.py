@@ -143,3 +143,27 @@ def test_dynamic_backbone_export_runs_at_detection_sizes(tmp_path):
         got = session.run(None, {'image': image.numpy()})
         assert got[0].shape == (shape[0], 16, -(-shape[2] // 4), -(-shape[3] // 4))
         assert _max_diff(got, expected) < 1e-3, shape
+
+
+def test_aoti_package_keeps_the_kernel_and_matches_pytorch(tmp_path):
+    """torch.export with the export form 'kernel' keeps one C++ kernel op per layer with masked heads, and
+    the AOTInductor package compiled from it gives eager PyTorch's maps; a dynamic grid is refused."""
+    from hmait.deploy import AOTISession, export_aoti
+    from hmait.ops.masked_attention import export_masked_heads
+    torch.manual_seed(0)
+    model = HMaiT(**SMALL).eval()
+    image = torch.randn(2, 3, 64, 96)
+    with torch.no_grad(), export_masked_heads('kernel'):
+        program = torch.export.export(model, (image,))
+    kernel_ops = [n for n in program.graph.nodes if 'hmait.masked_attention_cpu_qkv_fwd' in str(n.target)]
+    assert len(kernel_ops) == sum(1 for m in SMALL['masked_heads'] if m)
+    path = export_aoti(model, str(tmp_path / 'backbone.pt2'), image)
+    got = AOTISession(path).run(None, {'image': image.numpy()})
+    with torch.no_grad():
+        expected = model(image)
+    assert _max_diff(got, expected) < 1e-4
+    with pytest.raises(ValueError, match='the CPU kernel op takes a static grid'):
+        with torch.no_grad(), export_masked_heads('kernel'):
+            torch.export.export(model, (image,), dynamic_shapes=({3: torch.export.Dim('w', min=32, max=1024)},))
+    with pytest.raises(ValueError, match="masked_heads must be one of \\('halo', 'openvino', 'openvino-bf16'\\)"):
+        export_onnx(model, str(tmp_path / 'x.onnx'), image, masked_heads='kernel')

@@ -17,7 +17,9 @@ batch and resolution, run by ONNX Runtime's CPU or CUDA provider with torch's th
 ``openvino`` (the same standard files, run by OpenVINO on the CPU at inference precision f32 or bf16,
 set explicitly) and ``openvino-kernel`` (H-MaiT and MaiT exported with their masked heads as the
 project's ``hmait.MaskedAttention`` nodes, in the run's precision, and run by OpenVINO with the
-project's extension; every other model, Swin included, exported and run as under ``openvino``).
+project's extension; every other model, Swin included, exported and run as under ``openvino``), and
+``aoti`` (inference in fp32 only: each model compiled into an AOTInductor package at the benchmark's
+batch and resolution, H-MaiT and MaiT with their masked heads as the C++ kernel's op).
 Peak memory: :func:`hmait.benchmark.measure.peak_memory_mib` over one iteration (not measured
 for ONNX Runtime, whose allocations torch cannot see).
 
@@ -90,9 +92,10 @@ def with_references(models: Sequence[str]) -> list[str]:
 
 MODES = ('inference', 'train')
 PRECISIONS = ('fp32', 'bf16')
-RUNTIMES = ('eager', 'compile', 'onnxruntime', 'openvino', 'openvino-kernel')
-# The runtimes that run an exported file, for inference only.
-EXPORTED_RUNTIMES = ('onnxruntime', 'openvino', 'openvino-kernel')
+RUNTIMES = ('eager', 'compile', 'onnxruntime', 'openvino', 'openvino-kernel', 'aoti')
+# The runtimes that run an exported file, for inference only, and those of them that run fp32 only.
+EXPORTED_RUNTIMES = ('onnxruntime', 'aoti', 'openvino', 'openvino-kernel')
+FP32_ONLY_RUNTIMES = ('onnxruntime', 'aoti')
 
 
 @dataclass(frozen=True)
@@ -104,10 +107,11 @@ class Setting:
     batch: int
 
     def supported(self) -> bool:
-        """Exported files run inference only, ONNX Runtime's in fp32 only (OpenVINO's in fp32 and bf16)."""
+        """Exported files run inference only, ONNX Runtime's and AOTInductor's in fp32 only (OpenVINO's in
+        fp32 and bf16)."""
         if self.runtime not in EXPORTED_RUNTIMES:
             return True
-        return self.mode == 'inference' and (self.precision == 'fp32' or self.runtime != 'onnxruntime')
+        return self.mode == 'inference' and (self.precision == 'fp32' or self.runtime not in FP32_ONLY_RUNTIMES)
 
 
 @dataclass
@@ -235,6 +239,20 @@ def _openvino_step(model: nn.Module, images: torch.Tensor, setting: Setting, wor
     return step
 
 
+def _aoti_step(model: nn.Module, images: torch.Tensor, workdir: str) -> Callable[[], None]:
+    from ..deploy import AOTISession, export_aoti
+
+    if images.device.type != 'cpu':
+        raise ValueError("runtime 'aoti' runs on the CPU only")
+    path = os.path.join(workdir, f'{type(model).__name__}_{id(model)}.pt2')
+    session = AOTISession(export_aoti(model.eval(), path, images))
+    feed = {'image': images.numpy()}
+
+    def step() -> None:
+        session.run(None, feed)
+    return step
+
+
 def make_step(model: nn.Module, setting: Setting, device: torch.device, workdir: str) -> Callable[[], None]:
     """One benchmark iteration on a fixed random batch: a forward pass or a full training step."""
     gen = torch.Generator().manual_seed(0)
@@ -244,6 +262,8 @@ def make_step(model: nn.Module, setting: Setting, device: torch.device, workdir:
         return _onnxruntime_step(model, images, device, workdir)
     if setting.runtime in ('openvino', 'openvino-kernel'):
         return _openvino_step(model, images, setting, workdir)
+    if setting.runtime == 'aoti':
+        return _aoti_step(model, images, workdir)
     if setting.mode == 'inference':
         model.eval()
         fn = torch.compile(model) if setting.runtime == 'compile' else model
@@ -434,7 +454,8 @@ class BenchmarkPlan:
             raise ValueError('models must name at least one timm model')
         check_models(self.models)
         if not self.settings():
-            raise ValueError('no setting to run: exported runtimes run inference only, onnxruntime in fp32 only')
+            raise ValueError('no setting to run: exported runtimes run inference only, onnxruntime and aoti in '
+                             'fp32 only')
 
 
 def default_plan(device: torch.device) -> BenchmarkPlan:

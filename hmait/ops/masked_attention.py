@@ -36,8 +36,11 @@ BACKENDS = ('auto', 'torch', 'halo', 'triton', 'cpu', 'openvino')
 # runs with the project's CPU kernel once hmait.ops.openvino_extension is loaded). 'openvino-bf16' casts
 # the node's input and output to bfloat16: OpenVINO runs custom nodes in the precision the graph gives
 # them, so under its bf16 inference precision a float32 node costs two conversions per layer, while
-# under f32 precision a bf16 node rounds its inputs. Set with export_masked_heads(); read when traced.
-EXPORT_FORMS = ('halo', 'openvino', 'openvino-bf16')
+# under f32 precision a bf16 node rounds its inputs. 'kernel' is for torch.export only: the C++ kernel's op
+# hmait::masked_attention_cpu_qkv_fwd stays in the graph, which an AOTInductor package then calls through
+# the dispatcher (its library loaded first); the op takes a static grid. Set with export_masked_heads();
+# read when traced.
+EXPORT_FORMS = ('halo', 'openvino', 'openvino-bf16', 'kernel')
 _EXPORT_FORM = contextvars.ContextVar('hmait_export_masked_heads', default='halo')
 
 # 'auto' picks the compiled kernels for hard/strict heads (Triton on CUDA, C++ on CPU); this
@@ -437,6 +440,11 @@ def export_masked_heads(form: str) -> Iterator[None]:
     """Within the block, exports write the hard and strict masked heads in ``form`` (:data:`EXPORT_FORMS`)."""
     if form not in EXPORT_FORMS:
         raise ValueError(f'the export form of the masked heads must be one of {EXPORT_FORMS}, got {form!r}')
+    if form == 'kernel':
+        # Loaded here, before tracing starts: the build takes a lock that a tracer cannot follow.
+        available, reason = _cpu_kernel_status()
+        if not available:
+            raise RuntimeError(f"export form 'kernel': the compiled CPU kernel is unavailable: {reason}")
     token = _EXPORT_FORM.set(form)
     try:
         yield
@@ -478,8 +486,14 @@ def _choose_backend(q: torch.Tensor, v_dim: int, mode: str, backend: str) -> str
     if exporting():
         # By default ONNX and torch.export graphs hold standard operators only, which every runtime
         # knows: the halo form's batched MatMuls rather than the shifted slices of the 'torch' path.
-        if _EXPORT_FORM.get() == 'halo':
+        form = _EXPORT_FORM.get()
+        if form == 'halo':
             return 'halo'
+        if form == 'kernel':
+            if q.device.type != 'cpu' or q.dtype not in _KERNEL_DTYPES:
+                raise ValueError(f"export form 'kernel' exports the CPU kernel: q must be a CPU tensor of "
+                                 f"{_KERNEL_DTYPES}, got {q.dtype} on {q.device}")
+            return 'cpu'
         _check_openvino_head_sizes(q, v_dim)
         return 'openvino'
     if q.dtype not in _KERNEL_DTYPES:

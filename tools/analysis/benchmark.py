@@ -3,7 +3,7 @@
 
     python tools/analysis/benchmark.py [--out-dir DIR] [--device cuda|cpu] [--models M ...]
                                        [--modes inference train] [--precisions fp32 bf16]
-                                       [--runtimes eager compile onnxruntime openvino openvino-kernel]
+                                       [--runtimes eager compile onnxruntime openvino openvino-kernel aoti]
                                        [--batch N] [--resolution PX]
                                        [--sweep PX ...] [--sweep-inference PX ...] [--sweep-batch N]
                                        [--warmup N] [--iters N] [--reps N] [--threads N]
@@ -16,7 +16,8 @@ a GPU the default is a small CPU run (tiny models, batch 8, fp32, eager, no swee
 it. ``onnxruntime`` exports both models and times ONNX Runtime (inference, fp32); ``openvino``
 times OpenVINO on the same standard files (inference, fp32 and bf16 as its inference precision);
 ``openvino-kernel`` exports H-MaiT/MaiT with the project's masked-head nodes and runs them with the
-project's OpenVINO extension (Swin as under ``openvino``).
+project's OpenVINO extension (Swin as under ``openvino``); ``aoti`` compiles each model into an
+AOTInductor package (inference, fp32; H-MaiT's masked heads as the C++ kernel's op).
 
 Any timm model can be listed (``convnext_tiny``, ``deit_small_patch16_224``, ...): each is compared
 with the Swin of its size (H-MaiT-T, ConvNeXt-T and DeiT-S with Swin-T), which the run adds when it
@@ -46,9 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--modes', nargs='+', choices=('inference', 'train'))
     parser.add_argument('--precisions', nargs='+', choices=('fp32', 'bf16'), help='bf16 = autocast')
     parser.add_argument('--runtimes', nargs='+',
-                        choices=('eager', 'compile', 'onnxruntime', 'openvino', 'openvino-kernel'),
-                        help='eager PyTorch, torch.compile, or ONNX Runtime / OpenVINO on the exported model '
-                             '(openvino-kernel: H-MaiT with its masked heads as the project\'s OpenVINO nodes)')
+                        choices=('eager', 'compile', 'onnxruntime', 'openvino', 'openvino-kernel', 'aoti'),
+                        help='eager PyTorch, torch.compile, ONNX Runtime / OpenVINO on the exported model '
+                             '(openvino-kernel: H-MaiT with its masked heads as the project\'s OpenVINO nodes), or '
+                             'an AOTInductor package (aoti)')
     parser.add_argument('--batch', type=int)
     parser.add_argument('--resolution', type=int, help='resolution of the main comparison (default 224)')
     parser.add_argument('--sweep', nargs='*', type=int, dest='sweep_resolutions', metavar='PX',
