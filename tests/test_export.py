@@ -1,11 +1,15 @@
 """The blocks trace into one graph for torch.compile, and the backbone exports to ONNX for inference:
 few batched operators per masked head, and one file for every input size."""
 import collections
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import timm
 import torch
+from dense_helpers import REPO
 
 from hmait.deploy import export_onnx, onnxruntime_session
 from hmait.models import HMaiT, MaskedAttentionBlock
@@ -147,7 +151,8 @@ def test_dynamic_backbone_export_runs_at_detection_sizes(tmp_path):
 
 def test_aoti_package_keeps_the_kernel_and_matches_pytorch(tmp_path):
     """torch.export with the export form 'kernel' keeps one C++ kernel op per layer with masked heads, and
-    the AOTInductor package compiled from it gives eager PyTorch's maps; a dynamic grid is refused."""
+    the AOTInductor package compiled from it gives eager PyTorch's maps, loaded from Python and from the
+    C++ runner (tools/deploy/aoti_runner, built here against the torch wheel); a dynamic grid is refused."""
     from hmait.deploy import AOTISession, export_aoti
     from hmait.ops.masked_attention import export_masked_heads
     torch.manual_seed(0)
@@ -162,6 +167,24 @@ def test_aoti_package_keeps_the_kernel_and_matches_pytorch(tmp_path):
     with torch.no_grad():
         expected = model(image)
     assert _max_diff(got, expected) < 1e-4
+
+    from hmait.ops import cpu_kernel
+    runner = tmp_path / 'aoti_runner'
+    subprocess.run(['bash', str(REPO / 'tools' / 'deploy' / 'aoti_runner' / 'build.sh'), str(runner)], check=True,
+                   capture_output=True, env={**os.environ, 'PYTHON': sys.executable}, timeout=600)
+    image.numpy().tofile(tmp_path / 'image.bin')
+    command = [str(runner), str(cpu_kernel.library_path()), path, str(tmp_path / 'image.bin'), str(tmp_path / 'out'),
+               *map(str, image.shape)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == [f'output {i} {list(e.shape)}' for i, e in enumerate(expected)]
+    from_cpp = [np.fromfile(tmp_path / f'out{i}.bin', dtype=np.float32).reshape(e.shape)
+                for i, e in enumerate(expected)]
+    assert _max_diff(from_cpp, expected) < 1e-4
+    # A wrong input size is named, not read past.
+    bad = subprocess.run(command[:-1] + ['65'], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and 'must hold exactly 24960 float32 values' in bad.stderr
+
     with pytest.raises(ValueError, match='the CPU kernel op takes a static grid'):
         with torch.no_grad(), export_masked_heads('kernel'):
             torch.export.export(model, (image,), dynamic_shapes=({3: torch.export.Dim('w', min=32, max=1024)},))

@@ -41,6 +41,7 @@ import torch
 from .checks import check_grid, check_int, check_mask_size, check_packed_qkv
 
 __all__ = ['build', 'cpu_kernel_status', 'decided_status', 'extension_dir', 'is_available', 'is_built', 'kernel_isa',
+           'library_path',
            'masked_attention_bnhd', 'masked_attention_cpu', 'masked_attention_qkv_cpu']
 
 _EXTENSION_NAME = 'hmait_masked_attention_cpu'
@@ -160,10 +161,16 @@ def decided_status() -> tuple[bool, str] | None:
     return _status
 
 
+def library_path() -> Path:
+    """The built library's file (what a C++ program loads before an AOTInductor package that calls the
+    kernel's ops); never builds."""
+    return extension_dir() / f'{_EXTENSION_NAME}.so'
+
+
 def is_built() -> bool:
     """Whether a built library is in :func:`extension_dir` (it may still be rebuilt on loading if the
     sources changed since); never builds."""
-    return (extension_dir() / f'{_EXTENSION_NAME}.so').is_file()
+    return library_path().is_file()
 
 
 def is_available() -> bool:
