@@ -125,7 +125,7 @@ def export_aoti(model: nn.Module, path: str, image: torch.Tensor) -> str:
     ``torch.export`` keeps ``hmait::masked_attention_cpu_qkv_fwd`` in the graph (export form
     'kernel'), and ``torch._inductor.aoti_compile_and_package`` compiles the rest into ``path``
     (``.pt2``); the package calls the op through torch's dispatcher, so the kernel's library must be
-    loaded before the package runs (:func:`load_aoti` does). The package is tied to this torch
+    loaded before the package runs (:class:`AOTISession` does). The package is tied to this torch
     version and CPU architecture, and to ``image``'s shape: the kernel op takes a static grid.
     """
     if image.dim() != 4:

@@ -15,13 +15,13 @@ Runtimes: ``eager`` PyTorch, ``compile`` (``torch.compile``), ``onnxruntime`` (i
 fp32 only: both models exported with ``torch.onnx.export(..., dynamo=True)`` at the benchmark's
 batch and resolution, run by ONNX Runtime's CPU or CUDA provider with torch's thread count),
 ``openvino`` (the same standard files, run by OpenVINO on the CPU at inference precision f32 or bf16,
-set explicitly) and ``openvino-kernel`` (H-MaiT and MaiT exported with their masked heads as the
+set explicitly), ``openvino-kernel`` (H-MaiT and MaiT exported with their masked heads as the
 project's ``hmait.MaskedAttention`` nodes, in the run's precision, and run by OpenVINO with the
 project's extension; every other model, Swin included, exported and run as under ``openvino``), and
 ``aoti`` (inference in fp32 only: each model compiled into an AOTInductor package at the benchmark's
 batch and resolution, H-MaiT and MaiT with their masked heads as the C++ kernel's op).
 Peak memory: :func:`hmait.benchmark.measure.peak_memory_mib` over one iteration (not measured
-for ONNX Runtime, whose allocations torch cannot see).
+for the runtimes of exported files: ONNX Runtime's and OpenVINO's allocations are not torch's).
 
 ``<model>+attention-free`` (``benchmark.py --attention-free``) is an H-MaiT or MaiT model whose
 attention layers keep their qkv and output projections but mix no tokens
