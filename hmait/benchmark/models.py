@@ -201,56 +201,32 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def _onnxruntime_step(model: nn.Module, images: torch.Tensor, device: torch.device,
-                      workdir: str) -> Callable[[], None]:
-    import onnxruntime as ort
+def _exported_session(model: nn.Module, images: torch.Tensor, setting: Setting, device: torch.device,
+                      workdir: str):
+    """``model`` exported at ``images``' shape for ``setting.runtime``, behind ``run(None, feed)``."""
+    path = os.path.join(workdir, f'{type(model).__name__}_{id(model)}')
+    if setting.runtime == 'onnxruntime':
+        import onnxruntime as ort
 
-    path = os.path.join(workdir, f'{type(model).__name__}_{id(model)}.onnx')
-    with torch.no_grad():
-        torch.onnx.export(model.eval(), (images,), path, input_names=['image'], dynamo=True)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    providers = ['CUDAExecutionProvider'] if device.type == 'cuda' else ['CPUExecutionProvider']
-    session = ort.InferenceSession(path, options, providers=providers)
-    feed = {'image': images.cpu().numpy()}
-
-    def step() -> None:
-        session.run(None, feed)
-    return step
-
-
-def _openvino_step(model: nn.Module, images: torch.Tensor, setting: Setting, workdir: str) -> Callable[[], None]:
-    from ..deploy import OpenVINOSession, export_onnx
+        with torch.no_grad():
+            torch.onnx.export(model.eval(), (images,), path + '.onnx', input_names=['image'], dynamo=True)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        providers = ['CUDAExecutionProvider'] if device.type == 'cuda' else ['CPUExecutionProvider']
+        return ort.InferenceSession(path + '.onnx', options, providers=providers)
+    from ..deploy import AOTISession, OpenVINOSession, export_aoti, export_onnx
 
     if images.device.type != 'cpu':
         raise ValueError(f'runtime {setting.runtime!r} runs on the CPU only')
+    if setting.runtime == 'aoti':
+        return AOTISession(export_aoti(model.eval(), path + '.pt2', images))
     precision = 'f32' if setting.precision == 'fp32' else 'bf16'
     masked_heads = 'halo'
     if setting.runtime == 'openvino-kernel':
         masked_heads = 'openvino' if precision == 'f32' else 'openvino-bf16'
-    path = os.path.join(workdir, f'{type(model).__name__}_{id(model)}.onnx')
-    export_onnx(model.eval(), path, images, masked_heads=masked_heads)
-    session = OpenVINOSession(path, precision)
-    feed = {'image': images.numpy()}
-
-    def step() -> None:
-        session.run(None, feed)
-    return step
-
-
-def _aoti_step(model: nn.Module, images: torch.Tensor, workdir: str) -> Callable[[], None]:
-    from ..deploy import AOTISession, export_aoti
-
-    if images.device.type != 'cpu':
-        raise ValueError("runtime 'aoti' runs on the CPU only")
-    path = os.path.join(workdir, f'{type(model).__name__}_{id(model)}.pt2')
-    session = AOTISession(export_aoti(model.eval(), path, images))
-    feed = {'image': images.numpy()}
-
-    def step() -> None:
-        session.run(None, feed)
-    return step
+    export_onnx(model.eval(), path + '.onnx', images, masked_heads=masked_heads)
+    return OpenVINOSession(path + '.onnx', precision)
 
 
 def make_step(model: nn.Module, setting: Setting, device: torch.device, workdir: str) -> Callable[[], None]:
@@ -258,12 +234,13 @@ def make_step(model: nn.Module, setting: Setting, device: torch.device, workdir:
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(setting.batch, 3, setting.resolution, setting.resolution, generator=gen).to(device)
     target = torch.randint(0, 1000, (setting.batch,), generator=gen).to(device)
-    if setting.runtime == 'onnxruntime':
-        return _onnxruntime_step(model, images, device, workdir)
-    if setting.runtime in ('openvino', 'openvino-kernel'):
-        return _openvino_step(model, images, setting, workdir)
-    if setting.runtime == 'aoti':
-        return _aoti_step(model, images, workdir)
+    if setting.runtime in EXPORTED_RUNTIMES:
+        session = _exported_session(model, images, setting, device, workdir)
+        feed = {'image': images.cpu().numpy()}
+
+        def run_session() -> None:
+            session.run(None, feed)
+        return run_session
     if setting.mode == 'inference':
         model.eval()
         fn = torch.compile(model) if setting.runtime == 'compile' else model

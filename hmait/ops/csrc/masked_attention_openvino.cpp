@@ -130,7 +130,8 @@ class MaskedAttention : public ov::op::Op {
     args.lse = lse.data();
     args.value_sum = value_sum.data();
 
-    const hmait_cpu::KernelFn kernel = hmait_cpu::kernel_for(hmait_cpu::best_isa());
+    // Chosen once per process, as the torch op does: the CPU and ATEN_CPU_CAPABILITY do not change.
+    static const hmait_cpu::KernelFn kernel = hmait_cpu::kernel_for(hmait_cpu::best_isa());
     hmait_cpu::run_forward(args, [&](hmait_cpu::Stage stage, int64_t items, int64_t grain) {
       if (items <= 0) return;
       tbb::parallel_for(tbb::blocked_range<int64_t>(0, items, grain), [&](const tbb::blocked_range<int64_t>& range) {
