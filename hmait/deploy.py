@@ -13,7 +13,6 @@ keeps the C++ kernel of the masked heads.
 """
 from __future__ import annotations
 
-import os
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from .benchmark.measure import time_alternating
+from .builder import build_model, is_config
 from .ops.masked_attention import EXPORT_FORMS, HALO_TILE, export_masked_heads
 
 # torch.export fixes sizes of 0 and 1 to constants, so a dynamic export traces a batch of at least 2,
@@ -35,49 +35,33 @@ _MAX_SIDE = 16384
 ONNX_FORMS = tuple(form for form in EXPORT_FORMS if form != 'kernel')
 
 
-def build_model(source: str, checkpoint: str | None = None, features: bool = False) -> nn.Module:
-    """The model to export, in eval mode: a timm model name or a config file, and optional weights.
+def add_export_arguments(parser, out_help: str, shape_help: str, batch_help: str) -> None:
+    """The arguments both export tools take: what to export and how to check it."""
+    parser.add_argument('source', metavar='CONFIG_OR_MODEL', help='timm model name or config file')
+    parser.add_argument('checkpoint', nargs='?', help='weights to load (default: the fresh initialisation)')
+    parser.add_argument('--out', required=True, help=out_help)
+    parser.add_argument('--shape', type=int, nargs=2, default=(224, 224), metavar=('H', 'W'), help=shape_help)
+    parser.add_argument('--batch', type=int, default=1, help=batch_help)
+    parser.add_argument('--features', action='store_true', help="a timm model's multi-scale maps (features_only)")
+    parser.add_argument('--threads', type=int, help="threads for PyTorch and the runtime (default: torch's)")
 
-    ``source`` is a registered timm model (``hmait_tiny``, ``mait_small``, ...; ``features=True``
-    builds it with ``features_only``), a classification config (``model.model_name``), or an mmdet /
-    mmseg config whose ``model.backbone`` is an ``HMaiT``, whose backbone is exported. ``checkpoint``
-    (``.pth``, mmengine or bare state dict; ``backbone.`` keys are taken from a detector's) must
-    fit the model exactly.
-    """
-    import timm
 
-    import hmait  # noqa: F401  (registers the hmait_* and mait_* timm models)
+def check_export_arguments(parser, args, positive: Sequence[str] = ('batch', 'threads')) -> None:
+    """``parser.error`` (exit status 2, one line) for the arguments of :func:`add_export_arguments` that do not fit."""
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f'--{name.replace("_", "-")} must be a positive integer, got {value}')
+    if min(args.shape) < 1:
+        parser.error(f'--shape must be two positive sizes, got {args.shape}')
+    if args.features and is_config(args.source):
+        parser.error('--features applies to timm model names; a classification config exports its classifier, '
+                     'and a detection or segmentation config its backbone')
 
-    from .analysis.tooling import load_checkpoint_strict, model_from_config
 
-    if source.endswith('.py'):
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f'config {source!r} does not exist')
-        from mmengine.config import Config
-        cfg = Config.fromfile(source)
-        backbone = (cfg.get('model') or {}).get('backbone')
-        if isinstance(backbone, dict):
-            if backbone.get('type') != 'HMaiT':
-                raise ValueError(f"config {source!r}: model.backbone type must be 'HMaiT' to export the backbone, "
-                                 f"got {backbone.get('type')!r}")
-            from .models import HMaiT
-            kwargs = {k: v for k, v in backbone.items() if k not in ('type', 'init_cfg', 'pretrained')}
-            model = HMaiT(**kwargs)
-        else:
-            if features:
-                raise ValueError('--features applies to timm model names; a classification config exports '
-                                 'its classifier, and a detection or segmentation config its backbone')
-            model, _ = model_from_config(cfg)
-    elif timm.is_model(source):
-        model = timm.create_model(source, features_only=features) if features else timm.create_model(source)
-    else:
-        raise ValueError(f'{source!r} is neither a config file (.py) nor a timm model; H-MaiT and MaiT models: '
-                         f"{timm.list_models('*mait*')}")
-    if checkpoint is not None:
-        if not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f'checkpoint {checkpoint!r} does not exist')
-        load_checkpoint_strict(model, checkpoint)
-    return model.eval()
+def export_model(args) -> nn.Module:
+    """The model the export tools' arguments name (:func:`hmait.builder.build_model`), in eval mode."""
+    return build_model(args.source, args.checkpoint, **({'features_only': True} if args.features else {}))
 
 
 def output_names(outputs) -> list[str]:

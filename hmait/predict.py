@@ -1,6 +1,6 @@
 """Top-k classes of image files under a trained classifier: the package side of ``tools/predict.py``.
 
-The model comes from :func:`hmait.deploy.build_model` (a timm model name or a classification
+The model comes from :func:`hmait.builder.build_model` (a timm model name or a classification
 config, and a checkpoint that must fit it exactly), so prediction loads weights the way the export
 tool does. Images go through timm's evaluation transform with the model's own preprocessing: for a
 config, the input size, crop, interpolation and mean/std of its test data loader, the transform
@@ -23,8 +23,8 @@ import torch.nn as nn
 from PIL import Image
 from timm.data import create_transform, resolve_data_config, resolve_model_data_config
 
+from .builder import build_model, read_config
 from .data.image_folder import IMAGE_EXTENSIONS, class_folder_names, is_image_name
-from .deploy import build_model
 from .ops.checks import check_positive_int
 
 # What a checkpoint file is called; anything else in the first path position is read as an image.
@@ -103,12 +103,6 @@ def read_image(path: str) -> Image.Image:
             return img.convert('RGB')  # convert() decodes every pixel, so truncated files fail here
     except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for non-image and damaged files
         raise ValueError(f'cannot read image {path!r}: {err}') from err
-
-
-def _read_config(source: str):
-    from mmengine.config import Config
-    # build_model has already imported the config's custom_imports; no need to do it again.
-    return Config.fromfile(source, import_custom_modules=False)
 
 
 def _config_transform(cfg) -> dict:
@@ -241,19 +235,20 @@ def load_predictor(source: str, checkpoint: str | None = None, class_names_file:
     """A :class:`Predictor` for ``source``: a timm model name or a classification config (``.py``).
 
     ``checkpoint`` (mmengine ``.pth`` or state dict) must fit the model exactly, as in
-    :func:`hmait.deploy.build_model`; without one the model keeps its random initialisation.
+    :func:`hmait.builder.build_model`; without one the model keeps its random initialisation.
     Class names come from ``class_names_file`` (one per line, as many as the model has classes),
     else from the config's data set folders when they exist, else they are the class indices.
     Raises FileNotFoundError / ValueError naming the bad argument (RuntimeError from the checkpoint
     loader for a file that is not a plain weights file).
     """
     device = resolve_device(device)
-    model = build_model(source, checkpoint)
+    model = build_model(source, checkpoint, part='classifier')
     num_classes = getattr(model, 'num_classes', None)
     if not num_classes:
         raise ValueError(f'{source!r} gives no classifier (its model has no class head, e.g. the backbone of a '
                          'detection or segmentation config); prediction needs a classification config or model')
-    cfg = _read_config(source) if source.endswith('.py') else None
+    # build_model has already imported the config's custom_imports; no need to do it again.
+    cfg = read_config(source, import_custom_modules=False) if source.endswith('.py') else None
     data_config = preprocessing_config(model, cfg)
     transform = create_transform(**data_config, is_training=False)
     if class_names_file is not None:

@@ -2,6 +2,7 @@
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,8 @@ from hmait.analysis import (
     layer_similarity,
     search_step,
 )
-from hmait.analysis.tooling import load_checkpoint_strict, model_from_config, prepare
+from hmait.analysis.tooling import prepare
+from hmait.builder import build_model, load_weights
 from hmait.data.imagenet_synthetic import generate_imagenet
 from hmait.models import MaiT
 from hmait.ops import dense_attention_map
@@ -183,7 +185,7 @@ def _write_config(path: Path, **model_kwargs) -> Path:
 
 def _write_checkpoint(config: Path, path: Path) -> Path:
     # The layout mmengine's Runner writes for TimmImageClassifier: backbone.* keys under state_dict.
-    model, _ = model_from_config(str(config))
+    model = build_model(str(config))
     state_dict = {f'backbone.{k}': v for k, v in model.state_dict().items()}
     torch.save(dict(meta=dict(epoch=1), state_dict=state_dict), path)
     return path
@@ -237,21 +239,55 @@ def test_layer_similarity_tool(trained):
     assert len(matrix) == 12 and all(row[i] == pytest.approx(1., abs=1e-4) for i, row in enumerate(matrix))
 
 
+def test_analysis_runs_at_the_size_the_config_evaluates_at(trained, tmp_path):
+    """Without --img-size the tools take the config's test input size (the demo's 64 px), not 224."""
+    root, config, checkpoint = trained
+    at_32 = tmp_path / 'at_32.py'
+    at_32.write_text(config.read_text() + 'test_dataloader = dict(dataset=dict(transform=dict(input_size=32)))\n')
+    _, loader, info = prepare(str(at_32), str(checkpoint), str(root / 'data'), None, 2, 2)
+    assert info['img_size'] == 32 and next(iter(loader))[0].shape[-2:] == (32, 32)
+    assert prepare(str(config), str(checkpoint), str(root / 'data'), None, 2, 2)[2]['img_size'] == 48  # as built
+
+
+def test_analysis_tools_refuse_bad_input_in_one_line(trained, tmp_path):
+    root, config, checkpoint = trained
+    data = tmp_path / 'data'
+    shutil.copytree(root / 'data', data)
+    broken = sorted((data / 'val').glob('*/*'))[0]
+    broken.write_bytes(b'not an image')
+    other = tmp_path / 'other.pth'
+    torch.save({'state_dict': {'encoder.weight': torch.zeros(3)}}, other)
+    for tool, args, message in (
+            ('als.py', [str(config), str(checkpoint), '--data', str(data)], f'cannot read image {broken}'),
+            ('als.py', [str(config), str(other), '--data', str(root / 'data')],
+             f'checkpoint {other} does not fit the model (MaiT; none of its tensors fits)'),
+            ('mask_search.py', [str(config), str(checkpoint), '--data', str(tmp_path / 'nowhere')],
+             f"--data {str(tmp_path / 'nowhere')!r} is not a folder"),
+            ('layer_similarity.py', [str(config), str(checkpoint), '--data', str(root / 'data'), '--num-images', '0'],
+             'num_images must be a positive integer')):
+        proc = subprocess.run([sys.executable, str(ROOT / 'tools' / 'analysis' / tool), *args],
+                              capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert proc.returncode == 2, (tool, proc.stderr[-2000:])
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f'{tool[:-3]}: error: ') and message in lines[0], proc.stderr
+
+
 def test_tool_inputs_that_do_not_fit(trained, tmp_path):
     root, config, checkpoint = trained
     soft = _write_config(tmp_path / 'soft.py', masked_heads=1, mask_mode='soft')
-    with pytest.raises(ValueError, match='does not fit.*different mask modes.*missing keys: blocks.0.attn'):
+    with pytest.raises(ValueError, match='does not fit the model.*different mask modes.*'
+                                         'missing from the file: blocks.0.attn'):
         prepare(str(soft), str(checkpoint), str(root / 'data'), None, 2, 2)
     wider_head = tmp_path / 'classes.py'
     wider_head.write_text(config.read_text().replace('num_classes=3', 'num_classes=5'))
-    with pytest.raises(ValueError, match=r'shape-mismatched keys: head\.weight \(checkpoint \(3, 48\)'):
+    with pytest.raises(ValueError, match=r'2 of another shape: head\.weight \(file \(3, 48\), model \(5, 48\)\)'):
         prepare(str(wider_head), str(checkpoint), str(root / 'data'), None, 2, 2)
     with pytest.raises(FileNotFoundError, match='--data'):
         prepare(str(config), str(checkpoint), str(tmp_path / 'nowhere'), None, 2, 2)
     not_timm = tmp_path / 'det.py'
     not_timm.write_text("model = dict(type='MaskRCNN', backbone=dict(type='HMaiT'))\n")
-    with pytest.raises(ValueError, match='expected a classification config'):
-        model_from_config(str(not_timm))
-    model, _ = model_from_config(str(config))
-    with pytest.raises(FileNotFoundError, match='checkpoint file not found'):
-        load_checkpoint_strict(model, str(tmp_path / 'missing.pth'))
+    with pytest.raises(ValueError, match="expected a classification config.*its model is 'MaskRCNN'"):
+        build_model(str(not_timm), part='classifier')
+    model = build_model(str(config))
+    with pytest.raises(FileNotFoundError, match='checkpoint .*missing.pth. does not exist'):
+        load_weights(model, str(tmp_path / 'missing.pth'))

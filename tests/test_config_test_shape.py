@@ -3,7 +3,8 @@ import pytest
 from dense_helpers import CONFIGS
 from mmengine.config import Config
 
-from hmait.analysis.complexity import config_test_shape, count_config_complexity, load_config
+from hmait.analysis.complexity import config_test_shape, count_config_complexity
+from hmait.builder import read_config
 
 
 @pytest.mark.parametrize('name,shape', [
@@ -14,7 +15,7 @@ from hmait.analysis.complexity import config_test_shape, count_config_complexity
     ('upernet_hmait-t_8xb2-160k_ade20k-512x512.py', (512, 2048)),  # mmseg's test Resize (2048, 512)
 ])
 def test_shape_comes_from_the_test_data_of_the_config(name, shape):
-    assert config_test_shape(load_config(str(CONFIGS / name))) == shape
+    assert config_test_shape(read_config(str(CONFIGS / name))) == shape
 
 
 def test_config_without_a_test_size_asks_for_one():
@@ -23,7 +24,7 @@ def test_config_without_a_test_size_asks_for_one():
 
 
 def test_count_uses_the_config_test_size_by_default():
-    cfg = load_config(str(CONFIGS / 'hmait_t_demo.py'))
+    cfg = read_config(str(CONFIGS / 'hmait_t_demo.py'))
     default, _ = count_config_complexity(cfg)
     explicit, _ = count_config_complexity(cfg, (64, 64))
     larger, _ = count_config_complexity(cfg, (96, 96))

@@ -9,9 +9,9 @@ DEMO_CONFIG = str(REPO / 'configs' / 'hmait_t_demo.py')
 def test_export_tool_writes_a_dynamic_model_and_checks_it(tmp_path):
     pytest.importorskip('onnxscript')
     pytest.importorskip('onnxruntime')
-    from hmait.analysis.tooling import model_from_config
+    from hmait.builder import build_model
     torch.manual_seed(0)
-    model, _ = model_from_config(DEMO_CONFIG)
+    model = build_model(DEMO_CONFIG)
     checkpoint = tmp_path / 'demo.pth'
     torch.save(dict(state_dict={f'backbone.{k}': v for k, v in model.state_dict().items()}), checkpoint)
     out = tmp_path / 'deploy' / 'demo.onnx'
@@ -38,8 +38,8 @@ def test_export_tool_writes_a_dynamic_model_and_checks_it(tmp_path):
 
 
 @pytest.mark.parametrize('args,message', [
-    (['no_such_model'], "'no_such_model' is neither a config file (.py) nor a timm model"),
-    (['configs/missing.py'], "config 'configs/missing.py' does not exist"),
+    (['no_such_model'], "'no_such_model' is neither a config file (.py) nor a timm model; H-MaiT and MaiT models:"),
+    (['configs/missing.py'], "config file 'configs/missing.py' does not exist"),
     ([DEMO_CONFIG, 'missing.pth'], "checkpoint 'missing.pth' does not exist"),
     (['hmait_tiny', '--dynamic', '--check-shapes', '224'], "shape '224' must be HEIGHTxWIDTH"),
     (['hmait_tiny', '--features', '--data', 'data'], '--data measures top-1 accuracy and needs a classifier'),

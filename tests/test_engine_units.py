@@ -23,7 +23,7 @@ from hmait.engine import (
     install_weights_only_loading,
 )
 from hmait.engine import checkpoint as engine_checkpoint
-from hmait.engine.launch import _replace_sync_bn, load_config
+from hmait.engine.launch import _replace_sync_bn, prepare_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -194,15 +194,15 @@ def test_config_preparation_without_cuda(tmp_path):
     config = tmp_path / 'c.py'
     config.write_text("model = dict(norm_cfg=dict(type='SyncBN'))\n"
                       "default_hooks = dict(checkpoint=dict(type='CheckpointHook', interval=1))\n")
-    loaded = load_config(str(config), None, str(tmp_path / 'w'), 'none')
+    loaded = prepare_config(str(config), None, str(tmp_path / 'w'), 'none')
     assert loaded.default_hooks.checkpoint.backend_args == dict(backend=ATOMIC_BACKEND)
     if not torch.cuda.is_available():
         assert loaded.model.norm_cfg.type == 'BN'
     config.write_text('cpu_threads = 0\n')
     with pytest.raises(ValueError, match='cpu_threads must be a positive integer'):
-        load_config(str(config), None, None, 'none')
-    with pytest.raises(FileNotFoundError, match='config file not found'):
-        load_config(str(tmp_path / 'missing.py'), None, None, 'none')
+        prepare_config(str(config), None, None, 'none')
+    with pytest.raises(FileNotFoundError, match='config file .*missing.py. does not exist'):
+        prepare_config(str(tmp_path / 'missing.py'), None, None, 'none')
 
 
 @pytest.mark.parametrize('name', ['hmait_t_imagenet', 'hmait_s_imagenet'])

@@ -17,14 +17,14 @@ NUM_CLASSES = 10  # the demo config's
 def demo(tmp_path_factory):
     """A working directory holding the demo config's data set (data/demo_imagenet, one image per class
     and split), a checkpoint of the demo model, and a folder of odd-sized images with a non-image file."""
-    from hmait.analysis.tooling import model_from_config
+    from hmait.builder import build_model
     from hmait.data.imagenet_synthetic import generate_imagenet
 
     root = tmp_path_factory.mktemp('predict')
     generate_imagenet(str(root / 'data' / 'demo_imagenet'), num_classes=NUM_CLASSES, train_per_class=1,
                       val_per_class=1, size=64)
     torch.manual_seed(0)
-    model, _ = model_from_config(DEMO_CONFIG)
+    model = build_model(DEMO_CONFIG)
     # timm initialises the head with std 0.02, which leaves every class near 1/10 whatever the image;
     # a wider head makes the probabilities depend on the pixels, so wrong preprocessing shows.
     torch.nn.init.normal_(model.get_classifier().weight, std=0.3)
@@ -186,9 +186,9 @@ def test_split_checkpoint_reads_the_first_path_by_its_name(tmp_path):
 def test_config_preprocessing_is_the_config_test_transform():
     from mmengine.config import Config
 
-    from hmait.analysis.tooling import model_from_config
+    from hmait.builder import build_model
     from hmait.predict import preprocessing_config
-    model, _ = model_from_config(DEMO_CONFIG)
+    model = build_model(DEMO_CONFIG)
     config = preprocessing_config(model, Config.fromfile(DEMO_CONFIG))
     assert config['input_size'] == (3, 64, 64)  # the demo's img_size, not hmait_tiny's 224
     assert config['crop_pct'] == 1.0 and config['interpolation'] == 'bicubic'

@@ -57,6 +57,27 @@ def test_converter_cli_reports_and_writes_a_loadable_checkpoint(tmp_path):
     assert torch.equal(model.layers[2].blocks[5].mlp.fc2.weight, swin.layers[2].blocks[5].mlp.fc2.weight)
 
 
+def test_converter_refuses_a_preset_the_file_does_not_fit(tmp_path, capsys):
+    """Swin-T converted with --arch small leaves 12 stage-3 blocks uninitialised: refused, naming the fit."""
+    sys.path.insert(0, str(REPO / 'tools' / 'model_converters'))
+    try:
+        from swin2hmait import main
+    finally:
+        sys.path.pop(0)
+    src = tmp_path / 'swin_tiny.pth'
+    torch.save({'model': timm.create_model('swin_tiny_patch4_window7_224').state_dict()}, src)
+    dst = tmp_path / 'small.pth'
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(src), '--out', str(dst), '--arch', 'small'])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f'{src} does not convert into H-MaiT-small; it is an H-MaiT-tiny (--arch tiny)' in err
+    assert 'missing from the file: layers.2.blocks.6.' in err and '--allow-partial' in err
+    assert not dst.exists()
+    assert main([str(src), '--out', str(dst), '--arch', 'small', '--allow-partial']) == 0
+    assert 'missing (144)' in capsys.readouterr().out and dst.is_file()
+
+
 def test_converter_cli_rejects_a_non_swin_file(tmp_path):
     src = tmp_path / 'hmait.pth'
     torch.save({'state_dict': HMaiT(depths=(1, 1, 1, 1)).state_dict()}, src)
@@ -91,8 +112,9 @@ def test_converter_writes_safetensors_that_every_loader_reads(tmp_path):
     save_file({k: v.contiguous() for k, v in swin.state_dict().items()}, str(src))  # the converter reads it too
     dst = tmp_path / 'out' / 'hmait_t.safetensors'
     result = subprocess.run([sys.executable, 'tools/model_converters/swin2hmait.py', str(src), '--arch', 'tiny',
-                             '--out', str(dst)], cwd=REPO, capture_output=True, text=True)
+                             '--out', str(dst), '--allow-partial'], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    assert 'layers.2.blocks.5.mlp.fc2.weight' in result.stdout  # tiny's blocks the shallow file lacks
     assert 'timm layout' in result.stdout and f'wrote {dst}' in result.stdout
     with safe_open(str(dst), 'pt') as f:
         assert f.metadata() == {'converted_from': 'swin.safetensors', 'swin_layout': 'timm'}

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from hmait.data import generate_imagenet
+from hmait.engine.launch import test as evaluate
 from hmait.engine.launch import train
 from hmait.models.checkpoint import extract_state_dict, safe_load
 
@@ -118,6 +119,27 @@ def test_test_tool_reports_top1_of_checkpoint(trained, setup):
     assert float(found[-1]) == pytest.approx(val_top1[-1])
 
 
+def test_test_tool_refuses_a_checkpoint_that_does_not_fit(trained, setup, tmp_path, capsys):
+    """A checkpoint of another width is refused before any evaluation, naming the shapes; --partial-load
+    evaluates with what fits."""
+    work_dir, _ = trained
+    config, data = setup
+    weights = _weights(work_dir / 'epoch_2.pth')
+    weights['backbone.patch_embed.proj.weight'] = torch.zeros(8, 3, 4, 4)
+    other = tmp_path / 'other.pth'
+    torch.save({'state_dict': weights}, other)
+    args = [str(config), str(other), '--work-dir', str(tmp_path / 'w'), '--cfg-options', *_data_options(data)]
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f'test: error: checkpoint {other} does not fit the model (TimmImageClassifier; ')
+    assert 'backbone.patch_embed.proj.weight (file (8, 3, 4, 4), model (16, 3, 4, 4))' in err
+    assert '--partial-load evaluates' in err
+    metrics = evaluate([*args, '--partial-load'])
+    assert 0 <= metrics['accuracy/top1'] <= 100
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
@@ -182,3 +204,15 @@ def test_plot_log_writes_png(trained, tmp_path, monkeypatch, capsys):
     assert 'accuracy/top1' in capsys.readouterr().out
     scalars = next(work_dir.glob('*/vis_data/scalars.json'))
     assert any('accuracy/top1' in json.loads(line) for line in scalars.read_text().splitlines() if line.strip())
+
+
+def test_train_refuses_bad_arguments_in_one_line(setup, tmp_path, capsys):
+    config, data = setup
+    for extra, message in ((['--resume', str(tmp_path / 'gone.pth')], f'--resume checkpoint not found: {tmp_path}'),
+                           (['--auto-scale-lr'], '--auto-scale-lr needs auto_scale_lr=dict(base_batch_size=N)')):
+        with pytest.raises(SystemExit) as exit_info:
+            train([str(config), '--work-dir', str(tmp_path / 'w'), '--cfg-options', 'auto_scale_lr=None',
+                   *_data_options(data), *extra])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f'train: error: {message}')
+

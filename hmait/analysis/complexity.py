@@ -15,8 +15,8 @@ attention core: it does not count ``scaled_dot_product_attention`` and sees only
 shifted multiply-adds of the masked heads, so whatever it counted inside each attention module
 (minus its qkv and proj linears) is subtracted and the analytic figure added instead.
 
-The model-from-config helpers import mmdet or mmseg only through mmengine's registry scope
-(``init_default_scope``), never at import time, so the core package stays importable without them.
+Models come from :func:`hmait.builder.build_model`, which imports mmdet or mmseg only through
+mmengine's registry scope, never at import time, so the core package stays importable without them.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import torch.nn as nn
 from mmengine.analysis import FlopAnalyzer, parameter_count
 from mmengine.config import Config
 
+from ..builder import build_model, read_config
 from ..models.layers import MaskedMultiheadAttention
 from ..ops.checks import is_int
 
@@ -131,21 +132,6 @@ def _image_metas(height: int, width: int) -> list:
     return [BaseDataElement(metainfo=meta)]
 
 
-def load_config(config: str | Config, cfg_options: dict | None = None) -> Config:
-    """An mmengine ``Config`` from a file or a package config such as
-    ``'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'``, with ``cfg_options`` merged in."""
-    if isinstance(config, Config):
-        cfg = config.copy()
-    elif '::' in config:  # 'mmdet::swin/...': a config shipped inside an installed package
-        from mmengine.hub import get_config
-        cfg = get_config(config)
-    else:
-        cfg = Config.fromfile(config)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    return cfg
-
-
 def config_test_shape(cfg: Config) -> tuple[int, int]:
     """The ``(H, W)`` input of a config's test data: what its model sees at test time.
 
@@ -171,26 +157,6 @@ def config_test_shape(cfg: Config) -> tuple[int, int]:
                      'a Resize step with a scale in the test pipeline); give the shape explicitly')
 
 
-def build_model_from_config(config: str | Config, cfg_options: dict | None = None) -> tuple[nn.Module, str]:
-    """Build ``cfg.model`` of an mmengine config on CPU, without pretrained weights, SyncBN reverted.
-
-    ``config`` is a ``Config``, a file or a package config (see :func:`load_config`).
-    Returns (model, default_scope). The config's ``custom_imports`` are imported by mmengine.
-    """
-    from mmengine.model import revert_sync_batchnorm
-    from mmengine.registry import MODELS, init_default_scope
-
-    cfg = load_config(config, cfg_options)
-    scope = cfg.get('default_scope', 'mmengine')
-    init_default_scope(scope)
-    backbone = cfg.model.get('backbone')
-    if backbone is not None:
-        backbone.pop('init_cfg', None)  # counting needs no weights, and none may be downloaded
-        backbone.pop('pretrained', None)
-    model = revert_sync_batchnorm(MODELS.build(cfg.model))
-    return model.eval(), scope
-
-
 def count_config_complexity(config: str | Config, shape: Sequence[int] | None = None, cfg_options: dict | None = None,
                             backbone_only: bool = False) -> tuple[ComplexityReport, ComplexityReport | None]:
     """Complexity of the model of a config (or its backbone alone) on one ``(H, W)`` image.
@@ -199,9 +165,9 @@ def count_config_complexity(config: str | Config, shape: Sequence[int] | None = 
     Returns (model report, backbone report); the backbone report is None for ``backbone_only``,
     where the first report is the backbone's. Runs on CPU.
     """
-    cfg = load_config(config, cfg_options)
+    cfg = read_config(config, cfg_options)
     height, width = _check_shape(config_test_shape(cfg) if shape is None else shape)
-    model, _ = build_model_from_config(cfg)
+    model = build_model(cfg, part='model')
     x = torch.zeros(1, 3, height, width)
     backbone = getattr(model, 'backbone', None)
     if backbone_only:

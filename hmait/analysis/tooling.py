@@ -1,10 +1,8 @@
 """What the analysis command-line tools share: a model from a training config and a checkpoint,
 images from an ImageNet-layout folder, heat maps, and a config snippet for a masking.
 
-The training configs describe the classifier as
-``model = dict(type='TimmImageClassifier', model_name=..., num_classes=..., model_kwargs=dict(...))``;
-the analysis needs only the timm model inside (``timm.create_model`` with those fields), not the
-training wrapper.
+The analysis needs only the timm model inside a classification config, not the training wrapper:
+:func:`hmait.builder.build_model` with ``part='classifier'``, weights loaded strictly.
 """
 from __future__ import annotations
 
@@ -12,68 +10,18 @@ import math
 import os
 import os.path as osp
 import re
+import sys
 from collections.abc import Sequence
 
-import timm
 import torch
 import torch.nn as nn
-from mmengine.config import Config
+from PIL import Image
 from timm.data import ImageDataset, create_transform, resolve_data_config
 
-from ..models.checkpoint import extract_state_dict, safe_load
+from ..builder import build_model, classifier_fields, read_config
 from ..ops.checks import check_positive_int
+from .complexity import config_test_shape
 from .search import SearchStep
-
-_LIST_LIMIT = 8
-
-
-def model_from_config(config: str | Config) -> tuple[nn.Module, dict]:
-    """The timm model described by a classification training config, freshly initialised.
-
-    Returns ``(model, fields)`` where fields holds ``model_name``, ``num_classes`` and ``model_kwargs``.
-    """
-    cfg = Config.fromfile(config) if isinstance(config, str) else config
-    model_cfg = cfg.get('model')
-    if not isinstance(model_cfg, dict) or 'model_name' not in model_cfg:
-        raise ValueError(f'config {getattr(cfg, "filename", config)!r}: expected a classification config '
-                         f"whose model is dict(type='TimmImageClassifier', model_name=..., num_classes=..., "
-                         f'model_kwargs=dict(...)); got model={model_cfg!r}')
-    fields = dict(model_name=model_cfg['model_name'], num_classes=model_cfg.get('num_classes', 1000),
-                  model_kwargs=dict(model_cfg.get('model_kwargs') or {}))
-    if not timm.is_model(fields['model_name']):
-        raise ValueError(f"config: model_name {fields['model_name']!r} is not a timm model "
-                         f"(MaiT / H-MaiT models: {timm.list_models('*mait*')})")
-    model = timm.create_model(fields['model_name'], num_classes=fields['num_classes'],
-                              **fields['model_kwargs'])
-    return model, fields
-
-
-def _shorten(keys: list[str]) -> str:
-    shown = ', '.join(keys[:_LIST_LIMIT])
-    return f'{shown}, ... ({len(keys)} in all)' if len(keys) > _LIST_LIMIT else shown
-
-
-def load_checkpoint_strict(model: nn.Module, path: str) -> None:
-    """Load a training checkpoint (mmengine ``backbone.`` keys or a bare state dict) into ``model``.
-
-    Every tensor must match: an analysis of a model whose weights only partly load would be
-    meaningless. Raises ValueError naming the missing, unexpected and mismatched keys.
-    """
-    state_dict = extract_state_dict(safe_load(path))
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    mismatched = [f'{k} (checkpoint {tuple(state_dict[k].shape)}, model {tuple(own[k].shape)})'
-                  for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or mismatched:
-        parts = [f'{name} keys: {_shorten(keys)}' for name, keys in
-                 (('missing', missing), ('unexpected', unexpected), ('shape-mismatched', mismatched)) if keys]
-        hint = ''
-        if any('soft_mask_logit' in k for k in missing + unexpected):
-            hint = ' (soft_mask_logit keys differ: the config and the checkpoint use different mask modes)'
-        raise ValueError(f'checkpoint {path} does not fit the model built from the config{hint}: '
-                         + '; '.join(parts))
-    model.load_state_dict(state_dict, strict=True)
 
 
 def _image_root(data: str) -> str:
@@ -102,6 +50,14 @@ def image_loader(data: str, model: nn.Module, img_size: int, num_images: int,
         raise ValueError(f'--data {data!r}: no images found under {root!r}')
     count = min(num_images, len(dataset))
     indices = sorted({int(i) for i in torch.linspace(0, len(dataset) - 1, count).round()})
+    for index in indices:
+        # timm's dataset would log a warning and hand over the next image in its place, counting that twice.
+        path = dataset.filename(index, absolute=True)
+        try:
+            with Image.open(path) as img:
+                img.convert('RGB')  # decodes every pixel, so truncated files fail here
+        except (OSError, SyntaxError, ValueError) as err:
+            raise ValueError(f'--data {data!r}: cannot read image {path}: {err}') from err
     return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
                                        shuffle=False, num_workers=0)
 
@@ -184,20 +140,37 @@ def masking_snippet(step: SearchStep, mask_modes: Sequence[str]) -> str:
     return header + f'model = dict(model_kwargs=dict({kwargs}))\n'
 
 
+def prepare_or_refuse(tool: str, args) -> tuple[nn.Module, torch.utils.data.DataLoader, dict]:
+    """:func:`prepare` from an analysis tool's arguments; a user error (a config, checkpoint or folder that
+    does not fit) ends the tool with one line naming it and exit status 2, as argparse does."""
+    try:
+        return prepare(args.config, args.checkpoint, args.data, args.img_size, args.num_images, args.batch_size)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:  # RuntimeError: not a plain weights file
+        print(f'{tool}: error: {err}', file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _evaluated_size(cfg, model: nn.Module) -> int:
+    """The size the config evaluates its model at (its test transform's input_size), else the size the
+    model was built for (MaiT's img_size), else its timm default (224)."""
+    try:
+        return int(config_test_shape(cfg)[-1])
+    except ValueError:  # the config names no test size
+        built = getattr(getattr(model, 'patch_embed', None), 'img_size', None)
+        default = (getattr(model, 'pretrained_cfg', None) or {}).get('input_size', (3, 224, 224))[-1]
+        return int(built[-1] if built else default)
+
+
 def prepare(config: str, checkpoint: str, data: str, img_size: int | None, num_images: int,
             batch_size: int) -> tuple[nn.Module, torch.utils.data.DataLoader, dict]:
     """Model from ``config`` with ``checkpoint`` loaded (strictly), and an image loader over ``data``.
 
     ``img_size`` None takes the size the model was built for. Returns ``(model, loader, fields)``.
     """
-    if not osp.isfile(config):
-        raise FileNotFoundError(f'config file not found: {config}')
-    model, fields = model_from_config(config)
-    load_checkpoint_strict(model, checkpoint)
+    cfg = read_config(config)
+    fields = classifier_fields(cfg)
+    model = build_model(cfg, checkpoint, part='classifier')
     if img_size is None:
-        # The size the model was built for (MaiT's img_size), else its timm default (224).
-        built = getattr(getattr(model, 'patch_embed', None), 'img_size', None)
-        default = (getattr(model, 'pretrained_cfg', None) or {}).get('input_size', (3, 224, 224))[-1]
-        img_size = int(built[-1] if built else default)
+        img_size = _evaluated_size(cfg, model)
     loader = image_loader(data, model, img_size, num_images, batch_size)
     return model.eval(), loader, dict(fields, img_size=img_size, num_images=len(loader.dataset))

@@ -19,14 +19,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from ..models.hmait import ARCH_SETTINGS
 from .measure import RUN_ERRORS, describe_error, markdown_table, time_alternating
 
-# Swin's published shapes for the H-MaiT presets (mmdet's SwinTransformer arguments).
-SWIN_ARCH = {
-    'tiny': dict(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
-    'small': dict(embed_dims=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
-    'base': dict(embed_dims=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
-}
+# Swin's shapes for the H-MaiT presets (mmdet's SwinTransformer arguments): H-MaiT's own, without the masking.
+SWIN_ARCH = {arch: {k: v for k, v in settings.items() if k != 'masked_heads'}
+             for arch, settings in ARCH_SETTINGS.items()}
 BACKBONES = ('HMaiT', 'SwinTransformer')
 
 
@@ -41,14 +39,15 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
 
 def build_backbone(name: str, arch: str = 'tiny', in_channels: int = 3) -> nn.Module:
     """``HMaiT`` (this project) or mmdet's ``SwinTransformer`` (window 7), freshly initialised, eval mode."""
+    from ..builder import build_backbone as build
+
     if arch not in SWIN_ARCH:
         raise ValueError(f'arch must be one of {sorted(SWIN_ARCH)}, got {arch!r}')
     if name == 'HMaiT':
-        from ..models import HMaiT
-        model = HMaiT(arch=arch, in_channels=in_channels, drop_path_rate=0.)
+        model = build(dict(type='HMaiT', arch=arch, in_channels=in_channels, drop_path_rate=0.))
     elif name == 'SwinTransformer':
-        from mmdet.models.backbones import SwinTransformer
-        model = SwinTransformer(in_channels=in_channels, window_size=7, drop_path_rate=0., **SWIN_ARCH[arch])
+        model = build(dict(type='mmdet.SwinTransformer', in_channels=in_channels, window_size=7, drop_path_rate=0.,
+                           **SWIN_ARCH[arch]))
     else:
         raise ValueError(f'backbone must be one of {BACKBONES}, got {name!r}')
     model.eval()  # mmdet's train() override returns None, so no chaining

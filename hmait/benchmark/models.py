@@ -183,10 +183,10 @@ def build_model(name: str, resolution: int, device: torch.device) -> nn.Module:
     Models with a fixed input size (Swin's windows and attention masks, ViT's position embedding)
     are resized with their ``set_input_size``; the others (H-MaiT, ConvNeXt) take any size as built.
     """
-    import timm
+    from ..builder import create_timm_model
 
     check_models([name])
-    model = timm.create_model(base_name(name), num_classes=1000)
+    model = create_timm_model(base_name(name), num_classes=1000)
     size = (resolution, resolution)
     if hasattr(model, 'set_input_size') and tuple(model.pretrained_cfg.get('input_size', (3, 0, 0))[1:]) != size:
         model.set_input_size(img_size=size)

@@ -1,12 +1,13 @@
 """The mmengine image classifier: a timm model plus timm's Mixup/CutMix and losses."""
 from __future__ import annotations
 
-import timm
 import torch
 import torch.nn as nn
 from mmengine.model import BaseModel
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+from ..builder import create_timm_model
 
 
 class TimmImageClassifier(BaseModel):
@@ -36,7 +37,7 @@ class TimmImageClassifier(BaseModel):
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f'label_smoothing must lie in [0, 1), got {label_smoothing!r}')
-        self.backbone = timm.create_model(model_name, num_classes=num_classes, **(model_kwargs or {}))
+        self.backbone = create_timm_model(model_name, num_classes=num_classes, **(model_kwargs or {}))
         self.num_classes = num_classes
         mixing = bool(mixup) and (mixup.get('mixup_alpha', 1.0) > 0 or mixup.get('cutmix_alpha', 0.0) > 0
                                   or mixup.get('cutmix_minmax') is not None) and mixup.get('prob', 1.0) > 0

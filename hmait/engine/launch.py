@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import logging
 import os
 import os.path as osp
 import subprocess
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
+from ..builder import read_config, refuse_misfit, weights_fit
 from .checkpoint import ATOMIC_BACKEND, find_resume_checkpoint, install_weights_only_loading
 
 LAUNCHERS = ('none', 'pytorch', 'slurm')
@@ -58,6 +62,9 @@ def parse_test_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Evaluate a checkpoint with an mmengine config.')
     parser.add_argument('config', help='config file')
     parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('--partial-load', action='store_true',
+                        help='evaluate even when only part of the checkpoint fits the model (the rest keeps its '
+                             'initialisation); without it, a checkpoint that does not fit exactly is refused')
     _add_common(parser)
     return parser.parse_args(argv)
 
@@ -134,12 +141,10 @@ def prepare_cpu(cfg: Config, launcher: str) -> None:
     cfg.model_wrapper_cfg = wrapper
 
 
-def load_config(config: str, cfg_options: dict | None, work_dir: str | None, launcher: str) -> Config:
-    if not osp.isfile(config):
-        raise FileNotFoundError(f'config file not found: {config}')
-    cfg = Config.fromfile(config)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+def prepare_config(config: str, cfg_options: dict | None, work_dir: str | None, launcher: str) -> Config:
+    """The config of a run: read (:func:`hmait.builder.read_config`), options merged, work dir, launcher,
+    crash-safe checkpoint writes and CPU threads set."""
+    cfg = read_config(config, cfg_options)
     cfg.launcher = launcher
     if work_dir is not None:
         cfg.work_dir = work_dir
@@ -179,8 +184,9 @@ def _build_runner(cfg: Config) -> Runner:
     return RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
 
 
-def _run(cfg: Config, stage: str):
-    """Build the Runner and run ``stage`` ('train' or 'test'), then tear down the process group.
+def _run(cfg: Config, stage: str, before: Callable[[Runner], None] | None = None):
+    """Build the Runner, call ``before(runner)``, run ``stage`` ('train' or 'test'), then tear down the
+    process group.
 
     A process that exits with its process group alive can abort at interpreter shutdown
     (gloo's worker threads outlive Python: "terminate called without an active exception",
@@ -190,7 +196,10 @@ def _run(cfg: Config, stage: str):
     """
     finished = False
     try:
-        result = getattr(_build_runner(cfg), stage)()
+        runner = _build_runner(cfg)
+        if before is not None:
+            before(runner)
+        result = getattr(runner, stage)()
         finished = True
         return result
     finally:
@@ -200,44 +209,74 @@ def _run(cfg: Config, stage: str):
             dist.destroy_process_group()
 
 
+def _refuse(tool: str, err: Exception) -> SystemExit:
+    """A user error: one line on stderr naming what was wrong, and exit status 2 (as argparse does)."""
+    print(f'{tool}: error: {err}', file=sys.stderr)
+    return SystemExit(2)
+
+
 def train(argv: Sequence[str] | None = None) -> None:
     """``tools/train.py``: parse arguments, prepare the config, run ``Runner.train``."""
     args = parse_train_args(argv)
     install_weights_only_loading()
-    cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
-    if args.amp:
-        if not torch.cuda.is_available():
-            raise RuntimeError('--amp needs a CUDA GPU: mmengine\'s AmpOptimWrapper does not run on CPU')
-        if cfg.optim_wrapper.get('type', 'OptimWrapper') != 'AmpOptimWrapper':
-            cfg.optim_wrapper.type = 'AmpOptimWrapper'
-            cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
-    if args.auto_scale_lr:
-        if 'auto_scale_lr' not in cfg or 'base_batch_size' not in cfg.auto_scale_lr:
-            raise ValueError('--auto-scale-lr needs auto_scale_lr=dict(base_batch_size=N) in the config')
-        cfg.auto_scale_lr.enable = True
-    if args.tensorboard:
-        enable_tensorboard(cfg)
-    if args.resume == 'auto':
-        latest = find_resume_checkpoint(cfg.work_dir)
-        cfg.resume = latest is not None
-        cfg.load_from = latest
-        if latest is None:
-            print_log(f'--resume: no checkpoint in {cfg.work_dir}, starting from scratch', logger='current')
-    elif args.resume is not None:
-        if not osp.isfile(args.resume):
-            raise FileNotFoundError(f'--resume checkpoint not found: {args.resume}')
-        cfg.resume = True
-        cfg.load_from = args.resume
+    try:
+        cfg = prepare_config(args.config, args.cfg_options, args.work_dir, args.launcher)
+        if args.amp:
+            if not torch.cuda.is_available():
+                raise RuntimeError('--amp needs a CUDA GPU: mmengine\'s AmpOptimWrapper does not run on CPU')
+            if cfg.optim_wrapper.get('type', 'OptimWrapper') != 'AmpOptimWrapper':
+                cfg.optim_wrapper.type = 'AmpOptimWrapper'
+                cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+        if args.auto_scale_lr:
+            if not cfg.get('auto_scale_lr') or 'base_batch_size' not in cfg.auto_scale_lr:
+                raise ValueError('--auto-scale-lr needs auto_scale_lr=dict(base_batch_size=N) in the config')
+            cfg.auto_scale_lr.enable = True
+        if args.tensorboard:
+            enable_tensorboard(cfg)
+        if args.resume == 'auto':
+            latest = find_resume_checkpoint(cfg.work_dir)
+            cfg.resume = latest is not None
+            cfg.load_from = latest
+            if latest is None:
+                print_log(f'--resume: no checkpoint in {cfg.work_dir}, starting from scratch', logger='current')
+        elif args.resume is not None:
+            if not osp.isfile(args.resume):
+                raise FileNotFoundError(f'--resume checkpoint not found: {args.resume}')
+            cfg.resume = True
+            cfg.load_from = args.resume
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        raise _refuse('train', err) from None
     _run(cfg, 'train')
 
 
 def test(argv: Sequence[str] | None = None) -> dict:
-    """``tools/test.py``: evaluate CHECKPOINT on the config's test set; returns the metrics."""
+    """``tools/test.py``: evaluate CHECKPOINT on the config's test set; returns the metrics.
+
+    The checkpoint must fit the model exactly (every tensor present, with its shape, and nothing
+    else), or the run is refused before any evaluation, naming the first mismatches; a score for
+    weights that did not load would be a silent wrong answer. ``--partial-load`` evaluates what fits.
+    """
     args = parse_test_args(argv)
-    if not osp.isfile(args.checkpoint):
-        raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
     install_weights_only_loading()
-    cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
+    try:
+        if not osp.isfile(args.checkpoint):
+            raise FileNotFoundError(f'checkpoint {args.checkpoint!r} does not exist')
+        cfg = prepare_config(args.config, args.cfg_options, args.work_dir, args.launcher)
+    except (ValueError, FileNotFoundError) as err:
+        raise _refuse('test', err) from None
     cfg.load_from = args.checkpoint
     cfg.resume = False
-    return _run(cfg, 'test')
+
+    def check_fit(runner: Runner) -> None:
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        try:
+            _, fit = weights_fit(model, args.checkpoint)
+            refuse_misfit(args.checkpoint, model, fit, strict=not args.partial_load,
+                          partial_hint='; --partial-load evaluates with only the tensors that fit')
+        except (ValueError, FileNotFoundError, RuntimeError) as err:  # RuntimeError: not a plain weights file
+            raise _refuse('test', err) from None
+        if not fit.exact:
+            print_log(f'--partial-load: {len(fit.matched)} tensors of {args.checkpoint} fit the model; '
+                      f'{fit.describe()}', logger='current', level=logging.WARNING)
+
+    return _run(cfg, 'test', before=check_fit)

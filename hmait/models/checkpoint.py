@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -59,7 +60,7 @@ def safe_load(path: str, map_location: str | torch.device = 'cpu') -> dict:
     cannot be read that way (an arbitrary pickled object could execute code on load).
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint file not found: {path}')
+        raise FileNotFoundError(f'checkpoint {path!r} does not exist')
     if is_safetensors(path):
         from safetensors.torch import load_file  # timm's dependency; imported only when used
         try:
@@ -208,6 +209,49 @@ def convert_swin_state_dict(state_dict: dict, num_stages: int = 4) -> tuple[Orde
     return out, dropped
 
 
+@dataclass
+class StateDictFit:
+    """How a state dict fits a model's: keys that load, and every reason the others do not."""
+
+    matched: list[str]
+    missing: list[str]                                   # the model's keys the file lacks
+    unexpected: list[str]                                # the file's keys the model lacks
+    mismatched: list[tuple[str, tuple, tuple]]           # (key, file shape, model shape)
+
+    @property
+    def exact(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def describe(self, limit: int = 3) -> str:
+        """The reasons, shape mismatches first, each with its count and its first ``limit`` keys."""
+        def listed(items: list[str]) -> str:
+            more = f', ... ({len(items)} in all)' if len(items) > limit else ''
+            return ', '.join(items[:limit]) + more
+
+        parts = []
+        if self.mismatched:
+            parts.append(f'{len(self.mismatched)} of another shape: ' + listed(
+                [f'{k} (file {tuple(f)}, model {tuple(m)})' for k, f, m in self.mismatched]))
+        if self.missing:
+            parts.append(f'{len(self.missing)} missing from the file: {listed(self.missing)}')
+        if self.unexpected:
+            parts.append(f'{len(self.unexpected)} unknown to the model: {listed(self.unexpected)}')
+        return '; '.join(parts) if parts else 'every tensor fits'
+
+
+def state_dict_fit(own: dict, state_dict: dict) -> StateDictFit:
+    """Compare a file's ``state_dict`` with a model's ``own`` state dict, key by key and shape by shape."""
+    matched, mismatched = [], []
+    for key, value in state_dict.items():
+        if key in own:
+            if tuple(own[key].shape) == tuple(value.shape):
+                matched.append(key)
+            else:
+                mismatched.append((key, tuple(value.shape), tuple(own[key].shape)))
+    return StateDictFit(matched, [k for k in own if k not in state_dict],
+                        [k for k in state_dict if k not in own], mismatched)
+
+
 def load_pretrained(model: nn.Module, path: str, convert_swin: bool = False, prefix: str | None = None,
                     logger: logging.Logger | None = None) -> dict:
     """Load an H-MaiT (or, with ``convert_swin``, a Swin) checkpoint into ``model``, non-strictly.
@@ -225,16 +269,14 @@ def load_pretrained(model: nn.Module, path: str, convert_swin: bool = False, pre
                              f'to convert it on load, or convert it with tools/model_converters/swin2hmait.py')
         state_dict, dropped = convert_swin_state_dict(state_dict, num_stages=len(getattr(model, 'layers', [])) or 4)
     own = model.state_dict()
-    matched = [k for k, v in state_dict.items() if k in own and own[k].shape == v.shape]
-    mismatch = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
-    if not matched:
-        raise RuntimeError(f'no parameter of {path} matches the model: first file keys '
-                           f'{list(state_dict)[:5]}, first model keys {list(own)[:5]}')
-    model.load_state_dict({k: state_dict[k] for k in matched}, strict=False)
-    report = dict(matched=matched, missing=[k for k in own if k not in state_dict],
-                  unexpected=[k for k in state_dict if k not in own], dropped=dropped, shape_mismatch=mismatch)
+    fit = state_dict_fit(own, state_dict)
+    if not fit.matched:
+        raise RuntimeError(f'no parameter of {path} matches the model: {fit.describe()}')
+    model.load_state_dict({k: state_dict[k] for k in fit.matched}, strict=False)
+    report = dict(matched=fit.matched, missing=fit.missing, unexpected=fit.unexpected, dropped=dropped,
+                  shape_mismatch=[k for k, _, _ in fit.mismatched])
     if logger is not None:
-        logger.info(f'loaded {len(matched)}/{len(own)} tensors from {path}')
+        logger.info(f'loaded {len(fit.matched)}/{len(own)} tensors from {path}')
         for name in ('missing', 'unexpected', 'shape_mismatch'):
             if report[name]:
                 logger.warning(f'{name} keys ({len(report[name])}): {report[name]}')

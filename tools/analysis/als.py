@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
 from hmait.analysis import als_matrix, compute_als  # noqa: E402
-from hmait.analysis.tooling import prepare, save_heatmap, short_layer_names  # noqa: E402
+from hmait.analysis.tooling import prepare_or_refuse, save_heatmap, short_layer_names  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,7 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='ImageNet-layout folder: <class>/<image> or val/<class>/<image>')
     parser.add_argument('--out-dir', help='output folder (default: analysis/ next to the checkpoint)')
     parser.add_argument('--img-size', type=int,
-                        help='input size (default: the size the model was built for); smaller is cheaper')
+                        help="input size (default: the config's test input size, else the size the model was "
+                             'built for); smaller is cheaper')
     parser.add_argument('--num-images', type=int, default=32, help='images to average over (default 32)')
     parser.add_argument('--batch-size', type=int, default=8)
     parser.add_argument('--max-map-mb', type=int, default=256,
@@ -38,8 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    model, loader, info = prepare(args.config, args.checkpoint, args.data, args.img_size, args.num_images,
-                                  args.batch_size)
+    model, loader, info = prepare_or_refuse('als', args)
     result = compute_als(model, loader, max_map_bytes=args.max_map_mb << 20)
     out_dir = args.out_dir or osp.join(osp.dirname(osp.abspath(args.checkpoint)), 'analysis')
     names = short_layer_names(result.layers)

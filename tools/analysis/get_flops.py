@@ -37,34 +37,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if (args.config is None) == (args.timm_model is None):
         parser.error('give either CONFIG or --timm-model NAME')
+    if args.shape and min(args.shape) < 1:
+        parser.error(f'--shape must be two positive sizes, got {args.shape}')
     return args
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from hmait.analysis.complexity import count_complexity, count_config_complexity, format_count
+    from hmait.analysis.complexity import config_test_shape, count_complexity, count_config_complexity, format_count
+    from hmait.builder import build_model, read_config
 
     rows = {}
-    if args.timm_model:
-        import timm
-
-        import hmait  # noqa: F401  (registers the hmait_* timm models)
-        model = timm.create_model(args.timm_model)
-        shape = tuple(args.shape or model.pretrained_cfg['input_size'][-2:])
-        rows[args.timm_model] = count_complexity(model, torch.zeros(1, 3, *shape))
-        name = args.timm_model
-    else:
-        from hmait.analysis.complexity import config_test_shape, load_config
-
-        cfg = load_config(args.config, args.cfg_options)
-        shape = tuple(args.shape or config_test_shape(cfg))
-        model_report, backbone_report = count_config_complexity(cfg, shape, backbone_only=args.backbone_only)
-        name = Path(args.config).stem
-        rows['backbone' if args.backbone_only else 'model'] = model_report
-        if backbone_report is not None:
-            rows['backbone'] = backbone_report
+    try:
+        if args.timm_model:
+            model = build_model(args.timm_model)
+            shape = tuple(args.shape or model.pretrained_cfg['input_size'][-2:])
+            rows[args.timm_model] = count_complexity(model, torch.zeros(1, 3, *shape))
+            name = args.timm_model
+        else:
+            cfg = read_config(args.config, args.cfg_options)
+            shape = tuple(args.shape or config_test_shape(cfg))
+            model_report, backbone_report = count_config_complexity(cfg, shape, backbone_only=args.backbone_only)
+            name = Path(args.config).stem
+            rows['backbone' if args.backbone_only else 'model'] = model_report
+            if backbone_report is not None:
+                rows['backbone'] = backbone_report
+    except (ValueError, FileNotFoundError) as err:
+        print(f'get_flops: error: {err}', file=sys.stderr)
+        return 2
     print(f'{name} at input {shape[0]}x{shape[1]} (FLOPs = multiply-accumulates; attention analytic)')
     header = ('part', 'params', 'FLOPs', 'traced', 'attn(traced)', 'attn(analytic)')
     print(f'{header[0]:<10}' + ''.join(f'{h:>15}' for h in header[1:]))
@@ -76,7 +78,8 @@ def main(argv=None) -> None:
                       machine=platform.machine(), processor=platform.processor() or platform.machine(),
                       **{part: r.as_dict() for part, r in rows.items()})
         Path(args.json).write_text(json.dumps(record, indent=2))
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
 from hmait.analysis import layer_similarity  # noqa: E402
-from hmait.analysis.tooling import prepare, save_heatmap, short_layer_names  # noqa: E402
+from hmait.analysis.tooling import prepare_or_refuse, save_heatmap, short_layer_names  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,7 +30,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--head', type=int, default=0, help='attention head index (default 0)')
     parser.add_argument('--out',
                         help='PNG path (default: analysis/similarity_head{H}.png next to the checkpoint)')
-    parser.add_argument('--img-size', type=int, help='input size (default: the size the model was built for)')
+    parser.add_argument('--img-size', type=int,
+                        help="input size (default: the config's test input size, else the size the model was "
+                             'built for)')
     parser.add_argument('--num-images', type=int, default=16)
     parser.add_argument('--batch-size', type=int, default=4)
     parser.add_argument('--max-map-mb', type=int, default=256)
@@ -39,8 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    model, loader, info = prepare(args.config, args.checkpoint, args.data, args.img_size, args.num_images,
-                                  args.batch_size)
+    model, loader, info = prepare_or_refuse('layer_similarity', args)
     result = layer_similarity(model, loader, head=args.head, max_map_bytes=args.max_map_mb << 20)
     out = args.out or osp.join(osp.dirname(osp.abspath(args.checkpoint)), 'analysis',
                                f'similarity_head{args.head}.png')

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
 from hmait.analysis import LOWER, STAGES, UPPER, compute_als, search_step  # noqa: E402
-from hmait.analysis.tooling import masking_snippet, prepare, short_layer_names  # noqa: E402
+from hmait.analysis.tooling import masking_snippet, prepare_or_refuse, short_layer_names  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,7 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--upper', type=float, default=UPPER, help=f'upper ALS threshold (default {UPPER})')
     parser.add_argument('--lower', type=float, default=LOWER, help=f'lower ALS threshold (default {LOWER})')
     parser.add_argument('--stage', choices=STAGES, default='auto')
-    parser.add_argument('--img-size', type=int, help='input size (default: the size the model was built for)')
+    parser.add_argument('--img-size', type=int,
+                        help="input size (default: the config's test input size, else the size the model was "
+                             'built for)')
     parser.add_argument('--num-images', type=int, default=32)
     parser.add_argument('--batch-size', type=int, default=8)
     parser.add_argument('--max-map-mb', type=int, default=256)
@@ -41,8 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    model, loader, info = prepare(args.config, args.checkpoint, args.data, args.img_size, args.num_images,
-                                  args.batch_size)
+    model, loader, info = prepare_or_refuse('mask_search', args)
     als = compute_als(model, loader, max_map_bytes=args.max_map_mb << 20)
     step = search_step(als, upper=args.upper, lower=args.lower, stage=args.stage)
     for name, before, after, reason in zip(short_layer_names(step.layers), step.before, step.masked_heads,

@@ -22,23 +22,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from hmait.deploy import add_export_arguments, check_export_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('source', metavar='CONFIG_OR_MODEL', help='timm model name or config file')
-    parser.add_argument('checkpoint', nargs='?', help='weights to load (default: the fresh initialisation)')
-    parser.add_argument('--out', required=True, help='the .pt2 package to write')
-    parser.add_argument('--shape', type=int, nargs=2, default=(224, 224), metavar=('H', 'W'),
-                        help='input height and width the package is compiled for (default 224 224)')
-    parser.add_argument('--batch', type=int, default=1, help='batch the package is compiled for (default 1)')
-    parser.add_argument('--features', action='store_true', help="a timm model's multi-scale maps (features_only)")
-    parser.add_argument('--threads', type=int, help="torch threads (default: torch's)")
+    add_export_arguments(parser, out_help='the .pt2 package to write',
+                         shape_help='input height and width the package is compiled for (default 224 224)',
+                         batch_help='batch the package is compiled for (default 1)')
     parser.add_argument('--atol', type=float, default=1e-3, help='largest allowed difference (default 1e-3)')
     args = parser.parse_args(argv)
-    for name in ('batch', 'threads'):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f'--{name} must be a positive integer, got {value}')
-    if min(args.shape) < 1:
-        parser.error(f'--shape must be two positive sizes, got {args.shape}')
+    check_export_arguments(parser, args)
     if not args.out.endswith('.pt2'):
         parser.error(f'--out must name a .pt2 file (an AOTInductor package), got {args.out!r}')
     return args
@@ -48,10 +40,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from hmait.deploy import AOTISession, build_model, check_against_torch, export_aoti
+    from hmait.deploy import AOTISession, check_against_torch, export_aoti, export_model
 
     try:
-        model = build_model(args.source, args.checkpoint, args.features)
+        model = export_model(args)
     except (ValueError, FileNotFoundError) as err:
         print(f'export_aoti: error: {err}', file=sys.stderr)
         return 2

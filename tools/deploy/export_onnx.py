@@ -31,16 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from hmait.deploy import add_export_arguments, check_export_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('source', metavar='CONFIG_OR_MODEL', help='timm model name or config file')
-    parser.add_argument('checkpoint', nargs='?', help='weights to load (default: the fresh initialisation)')
-    parser.add_argument('--out', required=True, help='the .onnx file to write')
+    add_export_arguments(parser, out_help='the .onnx file to write',
+                         shape_help='example input height and width (default 224 224)',
+                         batch_help='example batch (default 1)')
     parser.add_argument('--dynamic', action='store_true', help='symbolic batch, height and width')
     parser.add_argument('--opset', type=int, help="ONNX opset (default: the exporter's)")
-    parser.add_argument('--shape', type=int, nargs=2, default=(224, 224), metavar=('H', 'W'),
-                        help='example input height and width (default 224 224)')
-    parser.add_argument('--batch', type=int, default=1, help='example batch (default 1)')
-    parser.add_argument('--features', action='store_true', help="a timm model's multi-scale maps (features_only)")
     parser.add_argument('--check-shapes', nargs='+', default=['256x320', '384x384'], metavar='HxW',
                         help='with --dynamic, more input sizes to check (default 256x320 384x384)')
     parser.add_argument('--masked-heads', default='halo', choices=('halo', 'openvino', 'openvino-bf16'),
@@ -52,19 +50,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--precision', choices=('f32', 'bf16'),
                         help="OpenVINO's inference precision (default: bf16 for --masked-heads openvino-bf16, "
                              'else f32)')
-    parser.add_argument('--threads', type=int, help="threads for PyTorch and the runtime (default: torch's)")
     parser.add_argument('--atol', type=float,
                         help='largest allowed difference (default 1e-3, and 3e-2 at OpenVINO precision bf16)')
     parser.add_argument('--int8', action='store_true', help="also write ONNX Runtime's dynamic int8 quantization")
     parser.add_argument('--data', help='ImageNet-layout folder: also report top-1 accuracy on its images')
     parser.add_argument('--num-images', type=int, default=1000, help='with --data, at most this many (default 1000)')
     args = parser.parse_args(argv)
-    for name in ('batch', 'threads', 'opset', 'num_images'):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f'--{name} must be a positive integer, got {value}')
-    if min(args.shape) < 1:
-        parser.error(f'--shape must be two positive sizes, got {args.shape}')
+    check_export_arguments(parser, args, positive=('batch', 'threads', 'opset', 'num_images'))
     if args.runtime is None:
         args.runtime = 'onnxruntime' if args.masked_heads == 'halo' else 'openvino'
     if args.runtime == 'onnxruntime' and args.masked_heads != 'halo':
@@ -89,8 +81,8 @@ def main(argv=None) -> int:
     from hmait.analysis.tooling import image_loader
     from hmait.deploy import (
         OpenVINOSession,
-        build_model,
         check_against_torch,
+        export_model,
         export_onnx,
         onnxruntime_session,
         parse_shapes,
@@ -101,7 +93,7 @@ def main(argv=None) -> int:
 
     try:
         extra = parse_shapes(args.check_shapes) if args.dynamic else []
-        model = build_model(args.source, args.checkpoint, args.features)
+        model = export_model(args)
         if args.data and (args.features or not getattr(model, 'num_classes', None)):
             what = f'{args.source} with --features' if args.features else f"{args.source}'s backbone"
             raise ValueError(f'--data measures top-1 accuracy and needs a classifier; {what} gives feature maps')
