@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import difflib
 import os.path as osp
+import warnings
 from typing import TYPE_CHECKING
 
 import torch.nn as nn
@@ -54,6 +55,10 @@ def read_config(source: str | Config, cfg_options: dict | None = None, import_cu
     """An mmengine ``Config`` from a file, a package config (``'mmdet::...'``) or a ``Config`` (copied),
     with ``cfg_options`` merged in. FileNotFoundError naming a file that does not exist."""
     from mmengine.config import Config
+
+    # mmengine imports pkg_resources when a config pulls in mmdet or mmseg, and setuptools warns about
+    # that deprecated API twice per process: noise no user of this project can act on.
+    warnings.filterwarnings('ignore', message='pkg_resources is deprecated as an API', category=UserWarning)
 
     if isinstance(source, Config):
         cfg = source.copy()

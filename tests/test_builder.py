@@ -117,3 +117,14 @@ def test_get_flops_refuses_an_unknown_model_in_one_line():
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("get_flops: error: 'hmait_tinyy' is neither a config file (.py) nor a timm model; "
                                'similar: hmait_tiny')
+
+
+def test_a_detection_config_counts_without_noise_on_stderr(tmp_path):
+    """No pkg_resources deprecation warnings, no CUDA_HOME message on a CPU machine: stderr stays empty."""
+    out = tmp_path / 'flops.json'
+    config = CONFIGS / 'retinanet_hmait-t_fpn_1x_coco.py'
+    proc = subprocess.run([sys.executable, 'tools/analysis/get_flops.py', str(config), '--shape', '128', '128',
+                           '--backbone-only', '--json', str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stderr == '', proc.stderr[-2000:]
+    assert 'backbone' in proc.stdout and out.is_file()

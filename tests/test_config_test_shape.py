@@ -1,6 +1,6 @@
 """FLOP counts default to the input size a config tests at, not to one size for every task."""
 import pytest
-from dense_helpers import CONFIGS
+from helpers import CONFIGS
 from mmengine.config import Config
 
 from hmait.analysis.complexity import config_test_shape, count_config_complexity

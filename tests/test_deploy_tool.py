@@ -1,7 +1,7 @@
 """tools/deploy/export_onnx.py: exports, checks against PyTorch in ONNX Runtime, and names what is wrong."""
 import pytest
 import torch
-from dense_helpers import REPO, python, run_tool, tool
+from helpers import REPO, python, run_tool, tool
 
 DEMO_CONFIG = str(REPO / 'configs' / 'hmait_t_demo.py')
 

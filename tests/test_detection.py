@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from dense_helpers import (
+from helpers import (
     CONFIGS,
     DET_CONFIGS,
     SMALL_DEPTHS,

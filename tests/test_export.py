@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from dense_helpers import REPO
+from helpers import REPO
 
 from hmait.deploy import export_onnx, onnxruntime_session
 from hmait.models import HMaiT, MaskedAttentionBlock

@@ -28,7 +28,7 @@ from hmait.data import generate_imagenet
 from hmait.engine import ImageFolderDataset, find_resume_checkpoint
 from hmait.engine.launch import train
 from hmait.models.checkpoint import safe_load
-from hmait.ops import MODES, dense_masked_attention, masked_attention
+from hmait.ops import MASK_MODES, dense_masked_attention, masked_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / 'configs'
@@ -249,7 +249,7 @@ def test_autocast_forward_on_large_inputs_stays_finite(dtype):
     assert logits.shape == (1, 1000) and torch.isfinite(logits).all(), f'{dtype}: non-finite logits'
 
 
-@pytest.mark.parametrize('mode', MODES)
+@pytest.mark.parametrize('mode', MASK_MODES)
 @pytest.mark.parametrize('side', [1, 2, 3, 4])
 @pytest.mark.parametrize('prefix', [0, 1])
 def test_small_grids_match_the_dense_reference(mode, side, prefix):
@@ -262,7 +262,7 @@ def test_small_grids_match_the_dense_reference(mode, side, prefix):
         assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-12, rtol=0), (mode, side, mask_size)
 
 
-@pytest.mark.parametrize('mode', MODES)
+@pytest.mark.parametrize('mode', MASK_MODES)
 def test_model_with_1x1_to_4x4_stage_grids_runs_in_every_mode(mode):
     # 32-px input, patch 4, three merges: stage grids 8x8, 4x4, 2x2 and 1x1.
     model = timm.create_model('hmait_tiny', embed_dims=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2),
@@ -365,7 +365,7 @@ def _worker_of_rank(root: int, rank: int) -> int | None:
 
 
 def _start_two_process_run(config: Path, data: Path, work_dir: Path, log_path: Path, *options: str):
-    from dense_helpers import free_port
+    from helpers import free_port
     env = dict(_env(), PORT=str(free_port()), PYTHON=sys.executable)
     with open(log_path, 'w') as log:
         proc = subprocess.Popen(['bash', 'tools/dist_train.sh', str(config), '2', '--work-dir', str(work_dir),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from dense_helpers import CONFIGS, SMALL_DEPTHS, require
+from helpers import CONFIGS, SMALL_DEPTHS, require
 from PIL import Image
 
 from hmait.data.dense_synthetic import make_ade20k, make_coco

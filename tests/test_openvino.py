@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from dense_helpers import REPO, python, run_tool, tool
+from helpers import REPO, python, run_tool, tool
 
 from hmait.models import HMaiT
 from hmait.ops import dense_masked_attention

@@ -5,9 +5,8 @@ import itertools
 import pytest
 import torch
 
-from hmait.ops import dense_attention_map, dense_masked_attention, masked_attention, neighbourhood_mask
+from hmait.ops import MASK_MODES, dense_attention_map, dense_masked_attention, masked_attention, neighbourhood_mask
 
-MODES = ('hard', 'soft', 'strict')
 # (h, w, prefix tokens): square, non-square, a single row, grids smaller than the mask.
 GRIDS = [(5, 7, 0), (6, 6, 1), (1, 9, 0), (1, 9, 2), (2, 2, 0), (2, 1, 1), (1, 1, 0)]
 
@@ -50,7 +49,7 @@ def test_dense_reference_follows_eq2_by_hand():
     assert torch.allclose(dense_masked_attention(q, k, v, (1, 3), mode='soft', alpha=alpha), soft.softmax(-1) @ v)
 
 
-@pytest.mark.parametrize('mode', MODES)
+@pytest.mark.parametrize('mode', MASK_MODES)
 @pytest.mark.parametrize('h,w,p', GRIDS)
 @pytest.mark.parametrize('mask_size', [3, 5])
 def test_fast_path_matches_dense_reference(mode, h, w, p, mask_size):
@@ -79,7 +78,7 @@ def test_soft_chunked_path_matches_dense(monkeypatch):
         assert torch.allclose(g, rg, atol=1e-10)
 
 
-@pytest.mark.parametrize('mode', MODES)
+@pytest.mark.parametrize('mode', MASK_MODES)
 @pytest.mark.parametrize('h,w,p', [(3, 4, 0), (3, 4, 1), (2, 2, 0), (1, 5, 2)])
 def test_gradcheck_float64(mode, h, w, p):
     q, k, v = [t.requires_grad_(True) for t in _qkv(1, 2, p + h * w, 3, scale=1.0)]
@@ -100,7 +99,7 @@ def test_fast_path_gradients_match_reference():
 
 
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize('mode', MODES)
+@pytest.mark.parametrize('mode', MASK_MODES)
 def test_half_precision_is_finite_and_close_to_float64(dtype, mode):
     # Logits up to about 1e4 in magnitude: half-precision softmax without fp32 accumulation overflows.
     g = torch.Generator().manual_seed(1)

@@ -6,7 +6,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from dense_helpers import REPO, python, run_tool, save_classification_checkpoint, tool
+from helpers import REPO, python, run_tool, save_classification_checkpoint, tool
 from PIL import Image
 
 DEMO_CONFIG = str(REPO / 'configs' / 'hmait_t_demo.py')

@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from dense_helpers import (
+from helpers import (
     CONFIGS,
     SEG_CONFIGS,
     SMALL_DEPTHS,

@@ -90,7 +90,7 @@ def with_references(models: Sequence[str]) -> list[str]:
     return out
 
 
-MODES = ('inference', 'train')
+BENCHMARK_MODES = ('inference', 'train')
 PRECISIONS = ('fp32', 'bf16')
 RUNTIMES = ('eager', 'compile', 'onnxruntime', 'openvino', 'openvino-kernel', 'aoti')
 # The runtimes that run an exported file, for inference only, and those of them that run fp32 only.
@@ -412,9 +412,10 @@ class BenchmarkPlan:
         return [s for s in settings if s.supported()]
 
     def validate(self) -> None:
-        for name, values, allowed in (('modes', self.modes, MODES), ('precisions', self.precisions, PRECISIONS),
+        for name, values, allowed in (('modes', self.modes, BENCHMARK_MODES),
+                                      ('precisions', self.precisions, PRECISIONS),
                                       ('runtimes', self.runtimes, RUNTIMES),
-                                      ('sweep modes', self.sweep_modes, MODES)):
+                                      ('sweep modes', self.sweep_modes, BENCHMARK_MODES)):
             bad = [v for v in values if v not in allowed]
             if bad or not values:
                 raise ValueError(f'{name} must be a non-empty list from {allowed}, got {values!r}')
@@ -439,13 +440,13 @@ def default_plan(device: torch.device) -> BenchmarkPlan:
     """Swin's GPU procedure with a GPU; a small plan a shared CPU finishes in minutes without one."""
     if device.type == 'cuda':
         return BenchmarkPlan(models=['hmait_tiny', PAIRS['hmait_tiny'], 'hmait_small', PAIRS['hmait_small']],
-                             modes=list(MODES), precisions=['fp32', 'bf16'], runtimes=['eager', 'compile'],
+                             modes=list(BENCHMARK_MODES), precisions=['fp32', 'bf16'], runtimes=['eager', 'compile'],
                              batch=64, resolution=224, sweep_resolutions=[224, 384, 512, 768, 1024],
-                             sweep_inference_only=[2048], sweep_batch=8, sweep_modes=list(MODES),
+                             sweep_inference_only=[2048], sweep_batch=8, sweep_modes=list(BENCHMARK_MODES),
                              warmup=10, iters=30, reps=5, kernel=True)
-    return BenchmarkPlan(models=['hmait_tiny', PAIRS['hmait_tiny']], modes=list(MODES), precisions=['fp32'],
+    return BenchmarkPlan(models=['hmait_tiny', PAIRS['hmait_tiny']], modes=list(BENCHMARK_MODES), precisions=['fp32'],
                          runtimes=['eager'], batch=8, resolution=224, sweep_resolutions=[],
-                         sweep_inference_only=[], sweep_batch=1, sweep_modes=list(MODES), warmup=1, iters=2,
+                         sweep_inference_only=[], sweep_batch=1, sweep_modes=list(BENCHMARK_MODES), warmup=1, iters=2,
                          reps=3)
 
 

@@ -18,7 +18,7 @@ from timm.layers import PatchEmbed, get_device_dtype, resample_abs_pos_embed, tr
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ..ops.checks import MODES, check_image, check_masked_heads, check_mode, check_positive_int, is_int
+from ..ops.checks import MASK_MODES, check_image, check_masked_heads, check_mode, check_positive_int, is_int
 from .checkpoint import require_local_weights
 from .layers import MaskedAttentionBlock
 
@@ -80,7 +80,7 @@ def _resolve_masking(masked_heads: int | Sequence[int] | str, mask_mode: str | S
     else:
         modes = [mask_mode] * depth if isinstance(mask_mode, str) else list(mask_mode)
         if len(modes) != depth:
-            raise ValueError(f'mask_mode must be one of {MODES} or a list of one per layer (depth={depth}), '
+            raise ValueError(f'mask_mode must be one of {MASK_MODES} or a list of one per layer (depth={depth}), '
                              f'got {mask_mode!r}')
         for i, mode in enumerate(modes):
             check_mode(mode, name=f'mask_mode[{i}]')

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-MODES = ('hard', 'soft', 'strict')
+MASK_MODES = ('hard', 'soft', 'strict')
 
 
 def is_int(value: Any) -> bool:
@@ -51,8 +51,8 @@ def check_mask_size(mask_size: Any, name: str = 'mask_size') -> int:
 
 
 def check_mode(mode: Any, name: str = 'mode') -> str:
-    if mode not in MODES:
-        raise ValueError(f'{name} must be one of {MODES}, got {mode!r}')
+    if mode not in MASK_MODES:
+        raise ValueError(f'{name} must be one of {MASK_MODES}, got {mode!r}')
     return mode
 
 

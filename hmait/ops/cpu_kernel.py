@@ -30,6 +30,7 @@ are differentiable wrappers.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -72,6 +73,20 @@ def extension_dir() -> Path:
     return Path.home() / '.cache' / 'hmait' / 'extensions' / f'torch-{version}-{python}'
 
 
+def cpp_extension():
+    """``torch.utils.cpp_extension``, imported without the warning it logs on a machine without CUDA
+    ("No CUDA runtime is found, using CUDA_HOME=..."): the CPU kernel needs no CUDA, and every tool
+    that loads the kernel would print it."""
+    logger = logging.getLogger('torch.utils.cpp_extension')
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension as module
+    finally:
+        logger.setLevel(level)
+    return module
+
+
 def _missing_prerequisite() -> str | None:
     """Why a build cannot even start, checked before handing over to cpp_extension."""
     missing = [name for name in _SOURCES + KERNEL_HEADERS if not (_CSRC / name).is_file()]
@@ -84,8 +99,7 @@ def _missing_prerequisite() -> str | None:
         source = 'the CXX environment variable' if 'CXX' in os.environ else 'the default'
         return f'no C++ compiler: {compiler!r} (from {source}) was not found'
     try:
-        from torch.utils.cpp_extension import verify_ninja_availability
-        verify_ninja_availability()
+        cpp_extension().verify_ninja_availability()
     except RuntimeError as err:
         return f'ninja is needed to build the kernel and was not found ({err}); pip install ninja'
     return None
@@ -114,12 +128,10 @@ def _load(verbose: bool) -> tuple[bool, str]:
     reason = _missing_prerequisite()
     if reason is not None:
         return False, reason
-    from torch.utils import cpp_extension
-
     build_dir = extension_dir()
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(name=_EXTENSION_NAME, sources=[str(_CSRC / name) for name in _SOURCES],
+        cpp_extension().load(name=_EXTENSION_NAME, sources=[str(_CSRC / name) for name in _SOURCES],
                            extra_cflags=list(_CFLAGS), extra_ldflags=list(_LDFLAGS),
                            extra_include_paths=[str(_CSRC)], build_directory=str(build_dir),
                            is_python_module=False, verbose=verbose)

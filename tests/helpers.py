@@ -1,4 +1,4 @@
-"""Shared pieces of the detection and segmentation tests: paths, tool runs, small checkpoints."""
+"""Shared pieces of the test suite: paths, tool runs, small checkpoints."""
 from __future__ import annotations
 
 import json
