@@ -1,30 +1,41 @@
 # The quick-start: a reduced H-MaiT-T (the real model class, fewer and narrower blocks) trained on
-# the synthetic 10-class set from `tools/generate_demo_data.py imagenet data/demo_imagenet`, with
-# the ImageNet recipe's augmentation, on 2 CPU cores in about 2.5 minutes
-# (24 epochs; about 55 % validation accuracy against 10 % chance).
+# the synthetic 10-class set from `tools/generate_demo_data.py imagenet data/demo_imagenet
+# --train-per-class 200`, with the ImageNet recipe's pieces, on 2 CPU cores in about 2.5 minutes
+# (12 epochs of 2000 images, as many iterations as 24 epochs of 1000; 61-71 % validation accuracy
+# over seeds 0-4 on one AMD EPYC, against 10 % chance; short of the 80 % aimed at).
+#
+# Why this recipe: a transformer trained from scratch on these images first sits at chance level
+# until it has seen some thousands of images (the shapes have random colours, so it must learn
+# colour-free edge features first). With 1000 images, 24 epochs, colour jitter, label smoothing and
+# drop path that took 8-9 of the 24 epochs, and the final accuracy depended on when the run left
+# the plateau (seed- and CPU-dependent). Twice the images at half the epochs (the same compute) and
+# lighter regularisation leave it within 2 epochs. The accuracy is then limited by the budget:
+# the training loss is still falling when the schedule ends.
 _base_ = ['./hmait_t_imagenet.py']
 
 data_root = 'data/demo_imagenet'
 img_size = 64
-max_epochs = 24
+max_epochs = 12
 warmup_epochs = 2
 
 model = dict(
     num_classes=10,
-    model_kwargs=dict(drop_path_rate=0.1, embed_dims=32, depths=(1, 1, 2, 1), num_heads=(2, 4, 8, 16),
+    model_kwargs=dict(drop_path_rate=0.0, embed_dims=32, depths=(1, 1, 2, 1), num_heads=(2, 4, 8, 16),
                       masked_heads=(2, 4, 3, 0)),
-    # Mixup/CutMix slow down learning more than a 2-minute run can afford: prob 0 switches them off.
-    mixup=dict(prob=0.0))
+    # Mixup/CutMix and label smoothing slow down learning more than a 2-minute run can afford.
+    mixup=dict(prob=0.0),
+    label_smoothing=0.0)
 
 # 64-pixel images: keep most of the shape in the crop, and evaluate on the whole image.
 train_dataloader = dict(
     # num_workers=0: the 64-pixel JPEGs decode in the training process faster than a worker process
     # starts and hands them over; both cores go to the model (cpu_threads below).
     batch_size=32, num_workers=0, persistent_workers=False, pin_memory=False,
-    # RandAugment and random erasing off: a small transformer trained from scratch on 1000 images
-    # needs most of its epochs before it leaves chance level even without them.
+    # RandAugment, random erasing and colour jitter off: the colours are random already, and each of
+    # them lengthens the initial plateau of a small transformer trained from scratch.
     dataset=dict(data_root=data_root,
-                 transform=dict(input_size=img_size, scale=(0.35, 1.0), auto_augment=None, re_prob=0.0)))
+                 transform=dict(input_size=img_size, scale=(0.6, 1.0), color_jitter=0.0, auto_augment=None,
+                                re_prob=0.0)))
 val_dataloader = dict(
     batch_size=100, num_workers=0, persistent_workers=False, pin_memory=False,
     dataset=dict(data_root=data_root, transform=dict(input_size=img_size, crop_pct=1.0)))
