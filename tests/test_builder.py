@@ -128,3 +128,26 @@ def test_a_detection_config_counts_without_noise_on_stderr(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stderr == '', proc.stderr[-2000:]
     assert 'backbone' in proc.stdout and out.is_file()
+
+
+def test_the_demo_comparison_builds_the_demo_network_three_ways(tmp_path):
+    from hmait.models.layers import MaskedMultiheadAttention
+    sys.path.insert(0, str(ROOT / 'tools' / 'analysis'))
+    try:
+        from demo_compare import MODELS, final_top1
+    finally:
+        sys.path.pop(0)
+    masked = {}
+    for name, config in MODELS.items():
+        model = build_model(str(ROOT / config))
+        assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 10), name
+        layers = [m for m in model.modules() if isinstance(m, MaskedMultiheadAttention)]
+        masked[name] = [m.num_masked_heads for m in layers]
+    demo, every_global, swin = masked.values()
+    assert demo == [2, 4, 3, 3, 0] and every_global == [0] * 5 and swin == []  # Swin has windows, not masks
+    # The table reads the last validation top-1 that mmengine logged.
+    log = tmp_path / 'run' / '20261205_000000' / 'vis_data' / 'scalars.json'
+    log.parent.mkdir(parents=True)
+    log.write_text('{"loss": 2.3, "lr": 0.001, "step": 10}\n{"accuracy/top1": 40.0, "step": 1}\n'
+                   '{"accuracy/top1": 55.5, "step": 2}\n')
+    assert final_top1(str(tmp_path / 'run')) == 55.5
