@@ -16,6 +16,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -62,6 +63,25 @@ def check_export_arguments(parser, args, positive: Sequence[str] = ('batch', 'th
 def export_model(args) -> nn.Module:
     """The model the export tools' arguments name (:func:`hmait.builder.build_model`), in eval mode."""
     return build_model(args.source, args.checkpoint, **({'features_only': True} if args.features else {}))
+
+
+def export_example(args, model: nn.Module) -> tuple[Path, torch.Generator, torch.Tensor]:
+    """What both export tools do before exporting: set torch's threads (``--threads``), make the folder of
+    ``--out``, and draw a seeded random example batch (``--batch``, the model's channels, ``--shape``).
+    Returns ``(out, generator, image)``; the generator draws the check inputs after the example."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randn(args.batch, getattr(model, 'in_channels', 3), *args.shape, generator=gen)
+    return out, gen, image
+
+
+def error_summary(err: BaseException) -> str:
+    """``Type: first line of the message``: what an export tool prints of an exporter's or compiler's error."""
+    text = str(err).strip()
+    return f'{type(err).__name__}: {text.splitlines()[0] if text else ""}'
 
 
 def output_names(outputs) -> list[str]:
@@ -212,6 +232,11 @@ class Check:
     max_abs_diff: float                # over every output
     torch_images_per_s: float
     runtime_images_per_s: float
+
+    def cells(self) -> str:
+        """The table cells the export tools print: difference, both throughputs and their ratio."""
+        return (f'{self.max_abs_diff:.2e} | {self.torch_images_per_s:.2f} | {self.runtime_images_per_s:.2f} | '
+                f'{self.runtime_images_per_s / self.torch_images_per_s:.2f}')
 
 
 def check_against_torch(model: nn.Module, session, image: torch.Tensor, repeats: int = 3) -> Check:

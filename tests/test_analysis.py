@@ -258,7 +258,8 @@ def test_analysis_tools_refuse_bad_input_in_one_line(trained, tmp_path):
     other = tmp_path / 'other.pth'
     torch.save({'state_dict': {'encoder.weight': torch.zeros(3)}}, other)
     for tool, args, message in (
-            ('als.py', [str(config), str(checkpoint), '--data', str(data)], f'cannot read image {broken}'),
+            ('als.py', [str(config), str(checkpoint), '--data', str(data)],
+             f'cannot read image {str(broken)!r}'),
             ('als.py', [str(config), str(other), '--data', str(root / 'data')],
              f'checkpoint {other} does not fit the model (MaiT; none of its tensors fits)'),
             ('mask_search.py', [str(config), str(checkpoint), '--data', str(tmp_path / 'nowhere')],

@@ -15,11 +15,11 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-from PIL import Image
 from timm.data import ImageDataset, create_transform, resolve_data_config
 
 from ..builder import build_model, classifier_fields, read_config
 from ..ops.checks import check_positive_int
+from ..predict import read_image
 from .complexity import config_test_shape
 from .search import SearchStep
 
@@ -52,12 +52,10 @@ def image_loader(data: str, model: nn.Module, img_size: int, num_images: int,
     indices = sorted({int(i) for i in torch.linspace(0, len(dataset) - 1, count).round()})
     for index in indices:
         # timm's dataset would log a warning and hand over the next image in its place, counting that twice.
-        path = dataset.filename(index, absolute=True)
         try:
-            with Image.open(path) as img:
-                img.convert('RGB')  # decodes every pixel, so truncated files fail here
-        except (OSError, SyntaxError, ValueError) as err:
-            raise ValueError(f'--data {data!r}: cannot read image {path}: {err}') from err
+            read_image(dataset.filename(index, absolute=True))
+        except ValueError as err:
+            raise ValueError(f'--data {data!r}: {err}') from err
     return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
                                        shuffle=False, num_workers=0)
 

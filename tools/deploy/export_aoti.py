@@ -40,34 +40,26 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from hmait.deploy import AOTISession, check_against_torch, export_aoti, export_model
+    from hmait.deploy import AOTISession, check_against_torch, error_summary, export_aoti, export_example, export_model
 
     try:
         model = export_model(args)
     except (ValueError, FileNotFoundError) as err:
         print(f'export_aoti: error: {err}', file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(0)
-    channels = getattr(model, 'in_channels', 3)
-    image = torch.randn(args.batch, channels, *args.shape, generator=gen)
+    out, gen, image = export_example(args, model)
     try:
         export_aoti(model, str(out), image)
         session = AOTISession(str(out))
     except Exception as err:  # export and compilation raise many types; the user needs the reason
-        print(f'export_aoti: error: compiling {args.source} failed: {type(err).__name__}: '
-              f'{str(err).strip().splitlines()[0] if str(err).strip() else ""}', file=sys.stderr)
+        print(f'export_aoti: error: compiling {args.source} failed: {error_summary(err)}', file=sys.stderr)
         return 1
-    print(f'wrote {out} ({out.stat().st_size / 2 ** 20:.1f} MiB), input {args.batch}x{channels}x{args.shape[0]}x'
-          f'{args.shape[1]}, torch {torch.__version__}')
+    print(f'wrote {out} ({out.stat().st_size / 2 ** 20:.1f} MiB), input {"x".join(map(str, image.shape))}, '
+          f'torch {torch.__version__}')
     check = check_against_torch(model, session, torch.randn(*image.shape, generator=gen))
     print('| input | max abs diff | PyTorch img/s | package img/s | package / PyTorch |')
     print('|---|---:|---:|---:|---:|')
-    print(f'| {"x".join(map(str, check.shape))} | {check.max_abs_diff:.2e} | {check.torch_images_per_s:.2f} | '
-          f'{check.runtime_images_per_s:.2f} | {check.runtime_images_per_s / check.torch_images_per_s:.2f} |')
+    print(f'| {"x".join(map(str, check.shape))} | {check.cells()} |')
     if check.max_abs_diff > args.atol:
         print(f'export_aoti: error: the package differs from PyTorch by {check.max_abs_diff:.2e} > --atol {args.atol}',
               file=sys.stderr)

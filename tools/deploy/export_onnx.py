@@ -82,6 +82,8 @@ def main(argv=None) -> int:
     from hmait.deploy import (
         OpenVINOSession,
         check_against_torch,
+        error_summary,
+        export_example,
         export_model,
         export_onnx,
         onnxruntime_session,
@@ -102,19 +104,13 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f'export_onnx: error: {err}', file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(0)
-    channels = getattr(model, 'in_channels', 3)
-    image = torch.randn(args.batch, channels, *args.shape, generator=gen)
+    out, gen, image = export_example(args, model)
+    channels = image.shape[1]
     try:
         names = export_onnx(model, str(out), image, dynamic=args.dynamic, opset=args.opset,
                             masked_heads=args.masked_heads)
     except Exception as err:  # the exporter raises many types; the user needs the reason, not the trace
-        print(f'export_onnx: error: torch.onnx.export of {args.source} failed: {type(err).__name__}: '
-              f'{str(err).strip().splitlines()[0] if str(err).strip() else ""}\n'
+        print(f'export_onnx: error: torch.onnx.export of {args.source} failed: {error_summary(err)}\n'
               'It needs onnx and onnxscript (both in the lock); a model with soft masking exports its global '
               'attention, which is large at big inputs; try without --dynamic or another --opset.', file=sys.stderr)
         return 1
@@ -153,8 +149,7 @@ def main(argv=None) -> int:
             check = check_against_torch(model, session, torch.randn(b, channels, h, w, generator=gen))
             if kind == 'fp32':
                 worst = max(worst, check.max_abs_diff)
-            print(f'| {kind} | {b}x{channels}x{h}x{w} | {check.max_abs_diff:.2e} | {check.torch_images_per_s:.2f} | '
-                  f'{check.runtime_images_per_s:.2f} | {check.runtime_images_per_s / check.torch_images_per_s:.2f} |')
+            print(f'| {kind} | {b}x{channels}x{h}x{w} | {check.cells()} |')
     if loader is not None:
         with torch.inference_mode():
             accuracy = [('PyTorch', top1_accuracy(model, loader))]

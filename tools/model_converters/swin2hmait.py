@@ -54,10 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     if layout is None:
         parser.error(f'{args.src} is not a Swin checkpoint (no relative_position_bias_table keys)')
     converted, dropped = convert_swin_state_dict(state_dict)
-    fits = {arch: state_dict_fit(_reference(arch, converted), converted) for arch in ARCHS}
-    fit = fits[args.arch]
+    fit = state_dict_fit(_reference(args.arch, converted), converted)
     if not fit.exact and not args.allow_partial:
-        exact = [arch for arch, f in fits.items() if f.exact]
+        # The other presets are built only to name the one the file fits.
+        exact = [arch for arch in ARCHS if arch != args.arch
+                 and state_dict_fit(_reference(arch, converted), converted).exact]
         hint = f'; it is an H-MaiT-{exact[0]} (--arch {exact[0]})' if exact else ''
         parser.error(f'{args.src} does not convert into H-MaiT-{args.arch}{hint}: {fit.describe()}; '
                      '--allow-partial writes it anyway')
