@@ -11,6 +11,10 @@ model = dict(
         _delete_=True,
         type='HMaiT',
         arch='tiny',  # Swin-T's shape with the paper's masked heads per stage (HMaiT's ARCH_SETTINGS)
+        # Global heads over keys and values pooled to the 224-px grid of each stage (14x14, 7x7): the
+        # paper's model at 224 px, a cost linear in the pixels beyond. global_attn='full' gives the
+        # paper's heads over the whole stage (quadratic; see docs/model_zoo.md).
+        global_attn='pooled',
         drop_path_rate=0.2,
         # Only the stages the FPN reads: an unused stage-0 norm would leave parameters without
         # gradients, which DDP rejects.

@@ -251,13 +251,25 @@ def test_backbone_comparison_times_both_and_counts_their_flops():
     assert parse_shape('1x3x800x1344') == (1, 3, 800, 1344)
     with pytest.raises(ValueError, match="backbone shape '800x1344' must be BATCHxCHANNELSxHEIGHTxWIDTH"):
         parse_shape('800x1344')
-    rows = measure_backbones([(1, 3, 96, 128)], ['fp32'], warmup=0, iters=1, reps=2)
-    assert [r.backbone for r in rows] == ['HMaiT', 'SwinTransformer']
-    assert all(r.error is None and len(r.repetitions_ms) == 2 and r.gflops > 0.1 for r in rows)
-    (ratio,) = backbone_ratios(rows)
-    assert ratio['flop_ratio'] == pytest.approx(rows[0].gflops / rows[1].gflops)
-    assert ratio['throughput_ratio'] == pytest.approx(rows[1].ms_per_iter / rows[0].ms_per_iter)
-    assert '| HMaiT (tiny) | 1x3x96x128 | fp32 |' in backbone_table(rows)
+    rows = measure_backbones([(1, 3, 96, 128)], ['fp32'], warmup=0, iters=1, reps=2,
+                             global_attns=['pooled', 'full'], attention_free=True)
+    assert [(r.backbone, r.global_attn) for r in rows] == [
+        ('SwinTransformer', None), ('HMaiT', 'pooled'), ('HMaiT', 'full'), ('HMaiT+attention-free', None)]
+    assert all(r.error is None and len(r.repetitions_ms) == 2 for r in rows)
+    assert all(r.gflops > 0.1 for r in rows[:3]) and rows[3].gflops is None
+    # 96x128 is below the 224-px grid in every stage: the pooled heads are the paper's, the same FLOPs.
+    assert rows[1].gflops == rows[2].gflops
+    ratios = backbone_ratios(rows)
+    assert [(r['global_attn'], r['flop_ratio'] is None) for r in ratios] == [('pooled', False), ('full', False),
+                                                                           (None, True)]
+    assert ratios[0]['flop_ratio'] == pytest.approx(rows[1].gflops / rows[0].gflops)
+    assert ratios[0]['throughput_ratio'] == pytest.approx(rows[0].ms_per_iter / rows[1].ms_per_iter)
+    table = backbone_table(rows)
+    for label in ('| SwinTransformer (tiny) | 1x3x96x128 | fp32 |', '| HMaiT pooled (tiny) | 1x3x96x128 | fp32 |',
+                  '| HMaiT full (tiny) |', '| HMaiT+attention-free (tiny) |'):
+        assert label in table
+    with pytest.raises(ValueError, match="global_attns must be a non-empty list of"):
+        measure_backbones([(1, 3, 96, 128)], global_attns=['local'])
 
 
 def test_attention_free_variant_keeps_the_projections_and_mixes_no_tokens():

@@ -131,16 +131,17 @@ def test_dynamic_classifier_export_runs_at_every_size(tmp_path):
 
 
 def test_dynamic_backbone_export_runs_at_detection_sizes(tmp_path):
-    """The backbone's four maps from one dynamic export, at mmdet's and mmseg's input sizes."""
+    """The backbone's four maps from one dynamic export, at mmdet's and mmseg's input sizes and at the
+    pre-training size, with the global heads' span of the shipped detection and segmentation configs."""
     pytest.importorskip('onnxscript')
     torch.manual_seed(0)
     # Stages 1-2 fully masked, as in the paper, so that 800x1344 stays cheap for eager PyTorch too.
     model = HMaiT(embed_dims=16, depths=(1, 1, 1, 1), num_heads=(2, 2, 4, 4), masked_heads=(2, 2, 2, 0),
-                  drop_path_rate=0.).eval()
+                  drop_path_rate=0., global_attn='pooled').eval()
     path = tmp_path / 'backbone.onnx'
     assert export_onnx(model, str(path), torch.randn(2, 3, 512, 512), dynamic=True) == [f'out{i}' for i in range(4)]
     session = onnxruntime_session(str(path))
-    for shape in [(1, 3, 800, 1344), (2, 3, 512, 512), (1, 3, 600, 1000)]:
+    for shape in [(1, 3, 800, 1344), (1, 3, 640, 960), (2, 3, 512, 512), (1, 3, 224, 224)]:
         image = torch.randn(*shape)
         with torch.no_grad():
             expected = model(image)

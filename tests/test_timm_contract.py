@@ -14,8 +14,11 @@ SMALL_HMAIT = dict(embed_dims=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), m
 SMALL_MAIT = dict(depth=12, img_size=64, drop_path_rate=0.)
 # Each mask mode once; MaiT's Sch.1 masks one head per layer, so 'strict' has somewhere to act.
 CASES = [('hmait_tiny', dict(SMALL_HMAIT, mask_mode='hard')), ('hmait_tiny', dict(SMALL_HMAIT, mask_mode='soft')),
-         ('mait_tiny', dict(SMALL_MAIT, masked_heads=1, mask_mode='strict'))]
-CASE_IDS = ['hmait-hard', 'hmait-soft', 'mait-strict']
+         ('mait_tiny', dict(SMALL_MAIT, masked_heads=1, mask_mode='strict')),
+         # Global heads with a span: pre-trained at 32 px, every test size is beyond their span grid.
+         ('hmait_tiny', dict(SMALL_HMAIT, global_attn='pooled', pretrain_img_size=32)),
+         ('hmait_tiny', dict(SMALL_HMAIT, global_attn='windowed', pretrain_img_size=32))]
+CASE_IDS = ['hmait-hard', 'hmait-soft', 'mait-strict', 'hmait-pooled', 'hmait-windowed']
 
 
 def _model(name: str, kwargs: dict, **extra) -> torch.nn.Module:

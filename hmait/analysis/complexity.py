@@ -3,17 +3,25 @@
 Convention (Swin's, mmdet's and fvcore's): one multiply-accumulate counts as one "FLOP", so the
 figures compare directly with the FLOPs published for Swin and in the MaiT paper.
 
-Everything except attention is counted by mmengine's jit-based ``FlopAnalyzer`` (convolutions,
-linears, matmuls, norms). Attention is replaced by the paper's Table 1 count, per block and image:
+Everything except the attention layers is counted by mmengine's jit-based ``FlopAnalyzer``
+(convolutions, linears, matmuls, norms). Each attention layer is counted analytically instead: its
+qkv and output projections (``4 N C^2`` for C channels) and its core, per the paper's Table 1, per
+block and image:
 
 * global head: ``2 N^2 d`` (``q k^T`` and ``A v``),
 * masked head, 'hard' or 'strict': ``2 R^2 N d`` (R = mask_size), linear in N,
 * masked head, 'soft': ``2 N^2 d``, since every non-neighbour logit ``alpha q k^T`` is needed,
 
-with N tokens of the stage and d the head dimension. The tracer cannot be trusted with the
-attention core: it does not count ``scaled_dot_product_attention`` and sees only parts of the
-shifted multiply-adds of the masked heads, so whatever it counted inside each attention module
-(minus its qkv and proj linears) is subtracted and the analytic figure added instead.
+with N tokens of the stage and d the head dimension. Global heads with a span other than 'full'
+(``HMaiT(global_attn=...)``) on a grid larger than their span grid ``g_h x g_w`` count instead
+``2 N K d`` with K = ``min(h, g_h) * min(w, g_w)`` pooled keys ('pooled'), or ``2 N_pad (g_h g_w) d``
+over the padded windows ('windowed'). Pooled layers project their global heads' keys and values from
+the pooled tokens (see :class:`~hmait.models.layers.MaskedMultiheadAttention`): K instead of N tokens
+for those rows of the qkv projection, plus the pooling itself. The tracer cannot be trusted with the
+attention layers: it does not count ``scaled_dot_product_attention``, sees only parts of the shifted
+multiply-adds of the masked heads, and takes the layer's plain projection (its hooks on every
+module make the pooled layers project every token), so whatever it counted inside each attention
+module is subtracted and the analytic figure added instead.
 
 Models come from :func:`hmait.builder.build_model`, which imports mmdet or mmseg only through
 mmengine's registry scope, never at import time, so the core package stays importable without them.
@@ -34,12 +42,46 @@ from ..models.layers import MaskedMultiheadAttention
 from ..ops.checks import is_int
 
 
+def _beyond(hw: tuple[int, int] | None, span: str, grid: tuple[int, int] | None) -> bool:
+    return span != 'full' and hw is not None and (hw[0] > grid[0] or hw[1] > grid[1])
+
+
+def global_head_macs(num_tokens: int, head_dim: int, hw: tuple[int, int] | None = None, span: str = 'full',
+                     grid: tuple[int, int] | None = None) -> int:
+    """Multiply-accumulates of one global head's core for one image: ``num_tokens`` tokens, of which
+    the ``hw`` grid, with the span ``span`` over ``grid`` (see :mod:`hmait.ops.global_attention`)."""
+    if not _beyond(hw, span, grid):
+        return 2 * num_tokens * num_tokens * head_dim
+    h, w = hw
+    if span == 'pooled':
+        return 2 * num_tokens * min(h, grid[0]) * min(w, grid[1]) * head_dim
+    padded = math.ceil(h / grid[0]) * grid[0] * math.ceil(w / grid[1]) * grid[1]
+    return 2 * padded * grid[0] * grid[1] * head_dim
+
+
 def attention_macs(num_tokens: int, head_dim: int, num_heads: int, num_masked_heads: int = 0,
-                   mask_size: int = 3, mode: str = 'hard') -> int:
-    """Multiply-accumulates of one attention core (no qkv / proj linears) for one image (Table 1)."""
-    global_cost = 2 * num_tokens * num_tokens * head_dim
-    masked_cost = global_cost if mode == 'soft' else 2 * mask_size ** 2 * num_tokens * head_dim
+                   mask_size: int = 3, mode: str = 'hard', hw: tuple[int, int] | None = None, span: str = 'full',
+                   grid: tuple[int, int] | None = None) -> int:
+    """Multiply-accumulates of one attention core (no qkv / proj linears) for one image (Table 1);
+    ``hw``, ``span`` and ``grid`` as in :func:`global_head_macs`."""
+    masked_cost = (2 * num_tokens * num_tokens * head_dim if mode == 'soft'
+                   else 2 * mask_size ** 2 * num_tokens * head_dim)
+    global_cost = global_head_macs(num_tokens, head_dim, hw, span, grid)
     return num_masked_heads * masked_cost + (num_heads - num_masked_heads) * global_cost
+
+
+def projection_macs(num_tokens: int, dim: int, num_heads: int, num_masked_heads: int = 0,
+                    hw: tuple[int, int] | None = None, span: str = 'full', grid: tuple[int, int] | None = None) -> int:
+    """Multiply-accumulates of an attention layer's qkv and output projections for one image: ``4 N C^2``,
+    less what pooled global heads save by projecting their keys and values from the pooled tokens."""
+    full = 4 * num_tokens * dim * dim
+    if span != 'pooled' or not _beyond(hw, span, grid) or num_masked_heads == num_heads:
+        return full
+    h, w = hw
+    oh, ow = min(h, grid[0]), min(w, grid[1])
+    kv_rows = 2 * dim * (num_heads - num_masked_heads) // num_heads
+    pooling = dim * (oh * h * w + oh * ow * w)  # the tokens, rows then columns
+    return full - (num_tokens - oh * ow) * dim * kv_rows + pooling
 
 
 @dataclass
@@ -59,15 +101,15 @@ class ComplexityReport:
         return out
 
 
-def _attention_tokens(model: nn.Module, inputs: tuple) -> dict[str, tuple[int, int, int]]:
-    """Run ``model`` once and record (batch, tokens, grid tokens) seen by every masked attention module."""
-    seen: dict[str, tuple[int, int, int]] = {}
+def _attention_tokens(model: nn.Module, inputs: tuple) -> dict[str, tuple[int, int, tuple[int, int]]]:
+    """Run ``model`` once and record (batch, tokens, grid ``(h, w)``) seen by every masked attention module."""
+    seen: dict[str, tuple[int, int, tuple[int, int]]] = {}
     handles = []
     for name, module in model.named_modules():
         if isinstance(module, MaskedMultiheadAttention):
             def hook(mod, args, _name=name):
                 x, hw = args[0], args[1]
-                seen[_name] = (x.shape[0], x.shape[1], int(hw[0]) * int(hw[1]))
+                seen[_name] = (x.shape[0], x.shape[1], (int(hw[0]), int(hw[1])))
             handles.append(module.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
@@ -98,12 +140,15 @@ def count_complexity(model: nn.Module, inputs: torch.Tensor | tuple) -> Complexi
         model.train(was_training)
     modules = dict(model.named_modules())
     attention_traced = attention_analytic = 0
-    for name, (batch, num_tokens, _) in tokens.items():
+    for name, (batch, num_tokens, hw) in tokens.items():
         attn = modules[name]
-        core = by_module.get(name, 0) - by_module.get(f'{name}.qkv', 0) - by_module.get(f'{name}.proj', 0)
-        attention_traced += core
-        attention_analytic += batch * attention_macs(num_tokens, attn.head_dim, attn.num_heads,
-                                                     attn.num_masked_heads, attn.mask_size, attn.mode)
+        attention_traced += by_module.get(name, 0)
+        spans = (hw, attn.global_attn, attn.global_grid)
+        attention_analytic += batch * (
+            attention_macs(num_tokens, attn.head_dim, attn.num_heads, attn.num_masked_heads, attn.mask_size,
+                           attn.mode, *spans)
+            + projection_macs(num_tokens, attn.num_heads * attn.head_dim, attn.num_heads, attn.num_masked_heads,
+                              *spans))
     params = int(parameter_count(model)[''])
     return ComplexityReport(params=params, macs=traced - attention_traced + attention_analytic,
                             traced_macs=traced, attention_traced_macs=attention_traced,

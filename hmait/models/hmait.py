@@ -24,6 +24,7 @@ from ..ops.checks import (
     check_positive_int,
     is_int,
 )
+from ..ops.global_attention import check_global_span
 from .checkpoint import load_pretrained
 from .layers import MaskedAttentionBlock
 
@@ -95,6 +96,15 @@ class HMaiT(BaseModule):
         frozen_stages: -1 freezes nothing; k >= 0 freezes the patch embedding, then stages 0..k-1
             (with the patch merging that follows each) and their output norms.
         convert_weights: accept Swin checkpoints (Microsoft, mmdet or timm layout) in init_cfg.
+        global_attn: how far the global heads reach. 'full' (the paper): the whole stage, a cost that
+            grows with the square of the pixels. 'pooled': keys and values average-pooled to the grid the
+            stage has at ``pretrain_img_size`` (14x14 and 7x7 in stages 3 and 4 for 224 px), so every
+            query still sees the whole image, coarser. 'windowed': windows of that grid, padded at the
+            bottom and right. Both are linear in the pixels and add no parameters; up to the
+            pre-training grid all three compute the same.
+        full_global_blocks: blocks (numbered over all stages from 0, as stochastic depth counts them)
+            whose global heads stay 'full' whatever ``global_attn`` says, to propagate across the
+            image as ViTDet's global blocks do.
         device, dtype: where and in which dtype to create the parameters (timm's factory arguments).
         Others as in mmdet's SwinTransformer.
 
@@ -114,6 +124,7 @@ class HMaiT(BaseModule):
                  use_abs_pos_embed: bool = False, act_cfg: dict | None = None,
                  norm_cfg: dict | None = None, with_cp: bool = False, convert_weights: bool = False,
                  frozen_stages: int = -1, pretrained: str | None = None, init_cfg: dict | None = None,
+                 global_attn: str = 'full', full_global_blocks: Sequence[int] = (),
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         if pretrained is not None:
             if init_cfg is not None:
@@ -148,6 +159,12 @@ class HMaiT(BaseModule):
         if not out_indices or any(not is_int(i) or not 0 <= i < num_stages for i in out_indices):
             raise ValueError(f'out_indices must be stage indices in [0, {num_stages - 1}], got {out_indices!r}')
         check_int('frozen_stages', frozen_stages, minimum=-1, maximum=num_stages)
+        check_global_span(global_attn)
+        num_blocks = sum(depths)
+        full_global_blocks = tuple(full_global_blocks)
+        if any(not is_int(i) or not 0 <= i < num_blocks for i in full_global_blocks):
+            raise ValueError(f'full_global_blocks must be block indices in [0, {num_blocks - 1}] (counted over all '
+                             f'stages), got {full_global_blocks!r}')
         check_positive_int('in_channels', in_channels)
         dd = dict(device=device, dtype=dtype)
 
@@ -162,6 +179,8 @@ class HMaiT(BaseModule):
         self.out_indices = out_indices
         self.frozen_stages = frozen_stages
         self.convert_weights = convert_weights
+        self.global_attn = global_attn
+        self.full_global_blocks = full_global_blocks
 
         self.patch_embed = PatchEmbed(img_size=None, patch_size=patch_size, in_chans=in_channels,
                                       embed_dim=embed_dims, norm_layer=norm_layer if patch_norm else None,
@@ -176,15 +195,20 @@ class HMaiT(BaseModule):
         self.drop_after_pos = nn.Dropout(drop_rate)
 
         # Stochastic depth grows linearly over all blocks; plain Python, so that a meta-device build works.
-        num_blocks = sum(depths)
         rates = [drop_path_rate * i / (num_blocks - 1) if num_blocks > 1 else 0. for i in range(num_blocks)]
         self.layers = nn.ModuleList()
+        # The grid of each stage at the pre-training size (patch merging pads odd grids): the span of
+        # the pooled and windowed global heads.
+        self.global_grids = [(-(-self.pos_grid[0] // 2 ** i), -(-self.pos_grid[1] // 2 ** i))
+                             for i in range(num_stages)]
         for i in range(num_stages):
             first = sum(depths[:i])
             block_kwargs = [dict(num_heads=num_heads[i], num_masked_heads=masked_heads[i], mask_size=mask_size,
                                  mask_mode=mask_mode, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
                                  drop=drop_rate, attn_drop=attn_drop_rate, drop_path=rates[first + j],
-                                 act_layer=act_layer, norm_layer=norm_layer, with_cp=with_cp)
+                                 act_layer=act_layer, norm_layer=norm_layer, with_cp=with_cp,
+                                 global_attn='full' if first + j in full_global_blocks else global_attn,
+                                 global_grid=self.global_grids[i])
                             for j in range(depths[i])]
             self.layers.append(HMaiTStage(dims[i - 1] if i else dims[0], dims[i], depths[i], i > 0, block_kwargs,
                                           norm_layer, **dd))

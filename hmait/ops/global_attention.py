@@ -18,7 +18,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .checks import exporting
+from .checks import check_grid, exporting
 
 GLOBAL_BACKENDS = ('auto', 'sdpa', 'matmul')
 
@@ -65,11 +65,13 @@ def _autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 def global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-                     dropout_p: float = 0., backend: str = 'auto') -> torch.Tensor:
+                     dropout_p: float = 0., backend: str = 'auto', bias: torch.Tensor | None = None) -> torch.Tensor:
     """Unmasked attention of ``(B, heads, N, d)`` q, k, v -> ``(B, heads, N, d_v)``, in their dtype.
 
     ``dropout_p`` drops attention probabilities (pass 0 in evaluation, as with SDPA).
     ``backend``: ``'auto'`` (see :func:`global_backend`), ``'sdpa'`` or ``'matmul'``.
+    ``bias``: an optional float tensor added to the scaled logits, broadcastable to ``(B, heads, N, N_k)``
+    (SDPA's float ``attn_mask``).
     Under autocast both backends compute in the autocast dtype, as SDPA does there.
     """
     if backend not in GLOBAL_BACKENDS:
@@ -78,7 +80,8 @@ def global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     if backend == 'auto':
         backend = global_backend(q, k, v)
     if backend == 'sdpa':
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+        mask = None if bias is None else bias.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     # Autocast off: the dtypes below are chosen, not cast. Half-precision inputs get float32 logits
     # (bf16 rounds a logit near 1e3 to a multiple of 4) and a float32 softmax; the probabilities go
@@ -92,7 +95,129 @@ def global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
             logits = (q.float() * scale) @ k.float().transpose(-2, -1)
         else:
             logits = (q * scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias.to(logits.dtype)
         attn = logits.softmax(dim=-1).to(v.dtype)
         if dropout_p > 0.:
             attn = F.dropout(attn, dropout_p)
         return attn @ v
+
+
+# How far the global heads of an H-MaiT stage reach (the global_attn option of HMaiT):
+# 'full': every token of the stage (the paper), cost quadratic in the pixels;
+# 'pooled': every query sees keys and values average-pooled to at most the span grid (the grid the stage
+#     has at the pre-training size), as in the spatial-reduction attention of PVT and Twins' global
+#     sub-sampled attention, but without parameters: linear in the pixels;
+# 'windowed': queries see only the keys of their span-grid window, windows tiled from the top left and
+#     padded at the bottom and right (padded keys are left out), as in ViTDet: linear in the pixels.
+# Where the stage's grid fits inside the span grid, all three compute the same: nothing is pooled and
+# there is one window.
+GLOBAL_SPANS = ('full', 'pooled', 'windowed')
+
+# Added to the logits of a window's padded keys: exp() of it is 0 in every float type (the logits of
+# real keys are far smaller in magnitude), without the infinities that slow runtimes' softmax.
+_PADDED_KEY_BIAS = -1e4
+
+
+def span_fits(h, w, grid: tuple[int, int]) -> bool:
+    """True when the ``h x w`` grid fits inside the span grid ``grid``, decided only for concrete sizes:
+    a traced or exported graph takes the general path, which computes the same there, so one graph
+    serves every size."""
+    return not isinstance(h, torch.SymInt) and not isinstance(w, torch.SymInt) and h <= grid[0] and w <= grid[1]
+
+
+def pooled_size(h, w, grid: tuple[int, int]) -> tuple:
+    """The grid that pooled keys and values have: ``(min(h, grid_h), min(w, grid_w))``, symbolic in an export."""
+    return torch.sym_min(h, grid[0]), torch.sym_min(w, grid[1])
+
+
+def _average_matrix(n, m, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(m, n)``: row i averages the inputs of adaptive average pooling's bin i of ``n`` -> ``m``
+    (``[floor(i n / m), ceil((i + 1) n / m))``, torch's bins). The identity when ``m == n``."""
+    rows = torch.arange(m, device=device)
+    start = (rows * n) // m
+    end = ((rows + 1) * n + m - 1) // m
+    cols = torch.arange(n, device=device)
+    inside = (cols[None] >= start[:, None]) & (cols[None] < end[:, None])
+    return inside.to(dtype) / (end - start)[:, None].to(dtype)
+
+
+def pool_grid(x: torch.Tensor, hw, out_hw) -> torch.Tensor:
+    """Adaptive average pooling of grid tokens ``(B, h * w, C)`` -> ``(B, oh * ow, C)``, as two small
+    matrix products (standard operators with every size symbolic, where ONNX has no adaptive pooling)."""
+    b, _, c = x.shape
+    (h, w), (oh, ow) = hw, out_hw
+    x = _average_matrix(h, oh, x.dtype, x.device) @ x.reshape(b, h, w * c)            # (B, oh, w*C)
+    x = _average_matrix(w, ow, x.dtype, x.device) @ x.reshape(b, oh, w, c)            # (B, oh, ow, C)
+    return x.reshape(b, oh * ow, c)
+
+
+def _window_grid(x: torch.Tensor, hw, size: tuple[int, int]) -> tuple[torch.Tensor, tuple]:
+    """Grid tokens ``(B, h * w, C)`` -> windows ``(B * nh * nw, sh * sw, C)``, zero-padded at the bottom
+    and right, and the padded sizes ``(nh, nw, h_pad, w_pad)``."""
+    b, _, c = x.shape
+    (h, w), (sh, sw) = hw, size
+    nh, nw = (h + sh - 1) // sh, (w + sw - 1) // sw
+    x = F.pad(x.reshape(b, h, w, c), (0, 0, 0, nw * sw - w, 0, nh * sh - h))
+    x = x.reshape(b, nh, sh, nw, sw, c).transpose(2, 3).reshape(b * nh * nw, sh * sw, c)
+    return x, (nh, nw)
+
+
+def _unwindow_grid(x: torch.Tensor, hw, size: tuple[int, int], counts) -> torch.Tensor:
+    """Inverse of :func:`_window_grid`: ``(B * nh * nw, sh * sw, C)`` -> ``(B, h * w, C)``, padding dropped."""
+    (h, w), (sh, sw), (nh, nw) = hw, size, counts
+    c = x.shape[-1]
+    x = x.reshape(-1, nh, nw, sh, sw, c).transpose(2, 3).reshape(-1, nh * sh, nw * sw, c)
+    return x[:, :h, :w].reshape(-1, h * w, c)
+
+
+def _padded_key_bias(hw, size: tuple[int, int], counts, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(nh * nw, 1, 1, sh * sw)``: 0 for the real keys of each window, ``_PADDED_KEY_BIAS`` for padding."""
+    (h, w), (sh, sw), (nh, nw) = hw, size, counts
+    rows = torch.arange(nh * sh, device=device) < h
+    cols = torch.arange(nw * sw, device=device) < w
+    real = (rows.reshape(nh, 1, sh, 1) & cols.reshape(1, nw, 1, sw)).reshape(nh * nw, 1, 1, sh * sw)
+    return (~real).to(dtype) * _PADDED_KEY_BIAS
+
+
+def pooled_attention(q: torch.Tensor, kv: torch.Tensor, scale: float | None = None,
+                     dropout_p: float = 0.) -> torch.Tensor:
+    """Queries ``(B, N, heads, d)`` over pooled keys and values ``(B, K, 2, heads, d)`` -> ``(B, N, heads, d)``."""
+    kv = kv.permute(2, 0, 3, 1, 4)
+    return global_attention(q.transpose(1, 2), kv[0], kv[1], scale, dropout_p).transpose(1, 2)
+
+
+def check_global_span(span, name: str = 'global_attn') -> str:
+    if span not in GLOBAL_SPANS:
+        raise ValueError(f'{name} must be one of {GLOBAL_SPANS}, got {span!r}')
+    return span
+
+
+def global_attention_qkv(qkv: torch.Tensor, hw, scale: float | None = None, dropout_p: float = 0.,
+                         span: str = 'full', grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """Global heads of a packed ``(B, h * w, 3, heads, d)`` grid projection -> ``(B, h * w, heads, d)``.
+
+    ``span`` (see ``GLOBAL_SPANS``) with ``grid``, the span grid: ``'full'`` attends over the whole
+    grid (:func:`global_attention`); ``'pooled'`` over keys and values average-pooled to
+    ``min(h, grid_h) x min(w, grid_w)``; ``'windowed'`` within ``grid``-sized windows. Where the grid
+    fits inside the span grid all three are :func:`global_attention` itself. Prefix tokens are not
+    supported by the pooled and windowed spans.
+    """
+    from .masked_attention import qkv_heads
+
+    check_global_span(span, 'span')
+    h, w = check_grid(hw)
+    if span == 'full' or span_fits(h, w, grid):
+        q, k, v = qkv_heads(qkv)
+        return global_attention(q, k, v, scale, dropout_p).transpose(1, 2)
+    b, n, _, heads, d = qkv.shape
+    if span == 'pooled':
+        kv = pool_grid(qkv[:, :, 1:].reshape(b, n, 2 * heads * d), (h, w), pooled_size(h, w, grid))
+        return pooled_attention(qkv[:, :, 0], kv.reshape(b, -1, 2, heads, d), scale, dropout_p)
+    windows, counts = _window_grid(qkv.reshape(b, n, 3 * heads * d), (h, w), grid)
+    q, k, v = qkv_heads(windows.reshape(windows.shape[0], -1, 3, heads, d))
+    bias = None
+    if isinstance(h, torch.SymInt) or isinstance(w, torch.SymInt) or h % grid[0] or w % grid[1]:
+        bias = _padded_key_bias((h, w), grid, counts, torch.float32, qkv.device).repeat(b, 1, 1, 1)
+    out = global_attention(q, k, v, scale, dropout_p, bias=bias).transpose(1, 2)       # (B*nW, S, heads, d)
+    return _unwindow_grid(out.reshape(out.shape[0], -1, heads * d), (h, w), grid, counts).reshape(b, n, heads, d)

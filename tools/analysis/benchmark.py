@@ -8,6 +8,7 @@
                                        [--sweep PX ...] [--sweep-inference PX ...] [--sweep-batch N]
                                        [--warmup N] [--iters N] [--reps N] [--threads N]
                                        [--attention-free] [--backbones BxCxHxW ...] [--backbone-arch tiny]
+                                       [--backbone-global-attn pooled windowed full]
 
 With a GPU and no options it runs the whole GPU table: H-MaiT-T/S and Swin-T/S, batch 64 at
 224 px, inference and training, fp32 and bf16 autocast, eager and torch.compile, then a sweep
@@ -22,11 +23,13 @@ AOTInductor package (inference, fp32; H-MaiT's masked heads as the C++ kernel's 
 Any timm model can be listed (``convnext_tiny``, ``deit_small_patch16_224``, ...): each is compared
 with the Swin of its size (H-MaiT-T, ConvNeXt-T and DeiT-S with Swin-T), which the run adds when it
 is not listed. ``--backbones 1x3x800x1344 2x3x512x512`` also times the detection/segmentation
-backbones (``HMaiT`` against mmdet's ``SwinTransformer``, inference, in every ``--precisions``)
-at those input shapes, with their FLOP ratio beside the time ratio; it needs mmdet.
+backbones (``HMaiT`` with each span of its global heads in ``--backbone-global-attn`` against mmdet's
+``SwinTransformer``, inference, in every ``--precisions``) at those input shapes, with their FLOP
+ratio beside the time ratio; it needs mmdet.
 ``--attention-free`` adds ``hmait_tiny+attention-free`` beside ``hmait_tiny`` (and so on): the same
 model with its attention layers reduced to their qkv and output projections, so its ratio against
-Swin bounds what any change to H-MaiT's attention can win in that setting.
+Swin bounds what any change to H-MaiT's attention can win in that setting; with ``--backbones`` it
+adds ``HMaiT+attention-free`` to the backbone comparison too.
 
 Prints a markdown table with the H-MaiT / Swin ratios and every repetition, and writes
 benchmark.json (hardware, versions, command, every repetition) and, for a sweep, benchmark.png.
@@ -73,6 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also time HMaiT against mmdet's SwinTransformer at these input shapes")
     parser.add_argument('--backbone-arch', default='tiny', choices=('tiny', 'small', 'base'),
                         help='size of the backbone comparison (default: tiny)')
+    parser.add_argument('--backbone-global-attn', nargs='+', default=['pooled', 'windowed', 'full'],
+                        choices=('full', 'pooled', 'windowed'),
+                        help="spans of HMaiT's global heads to time (HMaiT's global_attn; default: all three, "
+                             "'full' being the paper's)")
     return parser.parse_args(argv)
 
 
@@ -112,7 +119,9 @@ def main(argv=None) -> None:
     backbone_rows = []
     if shapes:
         backbone_rows = measure_backbones(shapes, plan.precisions, args.backbone_arch, warmup=plan.warmup,
-                                          iters=plan.iters, reps=plan.reps, device=device, log=log)
+                                          iters=plan.iters, reps=plan.reps, device=device,
+                                          global_attns=args.backbone_global_attn,
+                                          attention_free=bool(args.attention_free), log=log)
     kernel_rows = []
     if plan.kernel:
         log('masked-head kernels at stage-1 shapes (batch 64, 3 heads, 56x56, d 32)')
