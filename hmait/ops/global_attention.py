@@ -10,6 +10,10 @@ docs/benchmarks.md). For long sequences flash is the faster one and keeps no ``(
 Under ``torch.compile``, ``torch.export``, ONNX export and tracing it always takes SDPA, so that
 the traced graph does not depend on the sequence length. Both paths are tested against the
 unmasked dense reference (``dense_attention_map(..., mode=None) @ v``), gradients included.
+
+:func:`global_attention_qkv` also limits how far the heads reach (``GLOBAL_SPANS``, H-MaiT's
+``global_attn``): over keys and values pooled to a span grid, or within windows of it, so that their
+cost grows linearly with the image beyond the pre-training size.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .checks import check_grid, exporting
+from .masked_attention import qkv_heads
 
 GLOBAL_BACKENDS = ('auto', 'sdpa', 'matmul')
 
@@ -154,7 +159,7 @@ def pool_grid(x: torch.Tensor, hw, out_hw) -> torch.Tensor:
 
 def _window_grid(x: torch.Tensor, hw, size: tuple[int, int]) -> tuple[torch.Tensor, tuple]:
     """Grid tokens ``(B, h * w, C)`` -> windows ``(B * nh * nw, sh * sw, C)``, zero-padded at the bottom
-    and right, and the padded sizes ``(nh, nw, h_pad, w_pad)``."""
+    and right, and the window counts ``(nh, nw)``."""
     b, _, c = x.shape
     (h, w), (sh, sw) = hw, size
     nh, nw = (h + sh - 1) // sh, (w + sw - 1) // sw
@@ -203,8 +208,6 @@ def global_attention_qkv(qkv: torch.Tensor, hw, scale: float | None = None, drop
     fits inside the span grid all three are :func:`global_attention` itself. Prefix tokens are not
     supported by the pooled and windowed spans.
     """
-    from .masked_attention import qkv_heads
-
     check_global_span(span, 'span')
     h, w = check_grid(hw)
     if span == 'full' or span_fits(h, w, grid):
