@@ -11,6 +11,7 @@ from hmait.analysis.complexity import attention_macs, count_complexity, projecti
 from hmait.builder import build_model, read_config
 from hmait.models import HMaiT
 from hmait.models.layers import MaskedAttentionBlock, MaskedMultiheadAttention
+from hmait.ops import dense_masked_attention
 from hmait.ops.global_attention import GLOBAL_SPANS, global_attention_qkv
 
 SPANS = ('pooled', 'windowed')
@@ -145,10 +146,13 @@ def test_beyond_the_pretraining_size_the_spans_differ_from_full_and_stay_finite(
     assert [o.shape for o in outputs['pooled']] == [o.shape for o in outputs['full']]
 
 
-def test_backbone_spans_match_the_reference_layer_by_layer():
-    """Each attention layer of the backbone against the float64 reference at the grid it sees."""
+@pytest.mark.parametrize('span', SPANS)
+@pytest.mark.parametrize('mode', ['hard', 'soft'])
+def test_backbone_spans_match_the_reference_layer_by_layer(span, mode):
+    """Each attention layer of the backbone against float64 references at the grid it sees: the
+    paper's dense Eq. 2 for the masked heads, the span's reference for the global heads."""
     torch.manual_seed(0)
-    model = HMaiT(**SMALL, global_attn='pooled').double().eval()
+    model = HMaiT(**SMALL, global_attn=span, mask_mode=mode).double().eval()
     seen = []
     for module in model.modules():
         if isinstance(module, MaskedMultiheadAttention):
@@ -163,9 +167,9 @@ def test_backbone_spans_match_the_reference_layer_by_layer():
         if m < attn.num_heads:
             heads.append(_reference(qkv[:, :, :, m:], hw, attn.global_attn, attn.global_grid, attn.scale))
         if m:
-            from hmait.ops import masked_attention_qkv
-            heads.insert(0, masked_attention_qkv(qkv[:, :, :, :m], hw, attn.mask_size, attn.mode, None, 0,
-                                                 attn.scale, backend='torch'))
+            q, k, v = (qkv[:, :, i, :m].transpose(1, 2) for i in range(3))
+            masked = dense_masked_attention(q, k, v, hw, attn.mask_size, attn.mode, attn.alpha, 0, attn.scale)
+            heads.insert(0, masked.transpose(1, 2))
         expected = attn.proj(torch.cat(heads, dim=2).reshape(x.shape))
         torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
     assert sum(attn.num_masked_heads < attn.num_heads for attn, *_ in seen) == 3  # stage 3's two blocks, stage 4
