@@ -191,6 +191,18 @@ def test_a_hooked_or_replaced_qkv_sees_every_token():
     torch.testing.assert_close(attn(x, hw), fast, rtol=0, atol=1e-12)
 
 
+def test_dense_attention_maps_are_refused_beyond_the_span_grid():
+    torch.manual_seed(0)
+    attn = MaskedMultiheadAttention(32, 4, 2, global_attn='pooled', global_grid=(3, 4))
+    full = MaskedMultiheadAttention(32, 4, 2)
+    full.load_state_dict(attn.state_dict())
+    x = torch.randn(1, 12, 32)
+    assert torch.equal(attn.attention_maps(x, (3, 4)), full.attention_maps(x, (3, 4)))
+    with pytest.raises(ValueError, match=r'the pooled global heads have no dense map on the grid \(4, 5\), larger '
+                                         r'than global_grid \(3, 4\)'):
+        attn.attention_maps(torch.randn(1, 20, 32), (4, 5))
+
+
 def test_full_global_blocks_keep_the_paper_s_heads():
     model = HMaiT(**SMALL, global_attn='windowed', full_global_blocks=(3,))
     spans = [block.attn.global_attn for stage in model.layers for block in stage.blocks]
