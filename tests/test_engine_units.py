@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import python, run_tool, tool
 from mmengine.config import Config
 from mmengine.runner.checkpoint import CheckpointLoader, save_checkpoint
 
@@ -61,6 +62,35 @@ def test_generator_refuses_foreign_folder_and_bad_arguments(tmp_path):
         generate_imagenet(str(tmp_path))
     with pytest.raises(ValueError, match='num_classes'):
         generate_imagenet(str(tmp_path / 'x'), num_classes=1)
+
+
+@pytest.mark.parametrize('fmt', ['coco', 'ade20k'])
+def test_dense_generators_refuse_foreign_folders_and_keep_or_replace_their_own(tmp_path, fmt):
+    """The same folder rules as the imagenet format: what they wrote is kept for the same arguments and
+    replaced for others (no stale files), and a folder they did not write is refused."""
+    from hmait.data.dense_synthetic import make_ade20k, make_coco
+    make = make_coco if fmt == 'coco' else make_ade20k
+    root = tmp_path / fmt
+    first = make(str(root), num_train=3, num_val=1, image_size=(32, 48))
+    files = sorted(p.relative_to(root) for p in root.rglob('*') if p.is_file())
+    assert first['generated'] and len(files) > 4
+    assert not make(str(root), num_train=3, num_val=1, image_size=(32, 48))['generated']
+    assert sorted(p.relative_to(root) for p in root.rglob('*') if p.is_file()) == files
+    again = make(str(root), num_train=1, num_val=1, image_size=(32, 48))
+    assert again['generated'] and len(list(Path(again['train_img']).iterdir())) == 1
+    # A folder of the other format's data is this project's too: regenerated, without leftovers.
+    other = make_ade20k if fmt == 'coco' else make_coco
+    other(str(root), num_train=1, num_val=1, image_size=(32, 48))
+    left = {p.relative_to(root).parts[0] for p in root.iterdir()}
+    assert left == ({'images', 'annotations', '.hmait-synthetic.json'} if fmt == 'coco'
+                    else {'train2017', 'val2017', 'annotations', '.hmait-synthetic.json'})
+    (tmp_path / 'foreign').mkdir()
+    (tmp_path / 'foreign' / 'notes.txt').write_text('mine')
+    with pytest.raises(FileExistsError, match='foreign exists, is not empty and was not written by this generator'):
+        make(str(tmp_path / 'foreign'))
+    proc = run_tool([python(), tool('generate_demo_data.py'), fmt, str(tmp_path / 'foreign')], check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert 'not written by this generator' in proc.stderr
 
 
 def test_dataset_reads_split_with_timm_transform(data):

@@ -35,7 +35,7 @@ def _dense(args: argparse.Namespace) -> dict:
     make = make_coco if args.format == 'coco' else make_ade20k
     paths = make(args.out_dir, num_train=args.train, num_val=args.val, image_size=(args.height, args.width),
                  num_classes=args.classes, seed=args.seed)
-    return dict(generated=True, out_dir=paths.pop('root'), **paths)
+    return dict(out_dir=paths.pop('root'), **paths)
 
 
 def add_dense_parsers(subparsers) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..ops.checks import check_int, is_int
+from .imagenet_synthetic import GENERATOR_VERSION, claim_folder, mark_folder
 
 # The 80 COCO instance categories in id order. Every generated annotation file lists all of them,
 # as the real one does: mmdet's CocoMetric maps a predicted class index back to a category id
@@ -88,23 +89,32 @@ def _paint(image: np.ndarray, polygon: list[tuple[float, float]], colour: np.nda
 
 
 def make_coco(root: str, num_train: int = 4, num_val: int = 2, image_size: Sequence[int] = (96, 128),
-              num_classes: int = 3, max_objects: int = 3, seed: int = 0) -> dict[str, str]:
+              num_classes: int = 3, max_objects: int = 3, seed: int = 0) -> dict:
     """Write a COCO instance-segmentation dataset under ``root`` in mmdet's default layout.
 
     ``root/train2017/*.jpg``, ``root/val2017/*.jpg`` and
     ``root/annotations/instances_{train,val}2017.json`` with polygon masks, boxes ``[x, y, w, h]``
     and objects of the first ``num_classes`` COCO categories (the file lists all 80, with their real
     ids). ``image_size`` is (height, width).
-    Returns the paths keyed 'root', 'train_ann', 'val_ann', 'train_img', 'val_img'.
+    Returns the paths keyed 'root', 'train_ann', 'val_ann', 'train_img', 'val_img', and 'generated':
+    False when ``root`` already held this data set (the same arguments), which is then left as it is.
+    A non-empty ``root`` that this project's generators did not write is refused (FileExistsError).
     """
     height, width = _check_size('image_size', image_size)
     _check_count('num_train', num_train)
     _check_count('num_val', num_val)
     _check_count('max_objects', max_objects)
     check_int('num_classes', num_classes, minimum=1, maximum=len(COCO_CATEGORIES))
+    paths = dict(root=root)
+    for key, split in (('train', 'train2017'), ('val', 'val2017')):
+        paths[f'{key}_ann'] = os.path.join(root, 'annotations', f'instances_{split}.json')
+        paths[f'{key}_img'] = os.path.join(root, split)
+    params = dict(format='coco', version=GENERATOR_VERSION, num_train=num_train, num_val=num_val,
+                  image_size=[height, width], num_classes=num_classes, max_objects=max_objects, seed=seed)
+    if claim_folder(root, params):
+        return dict(paths, generated=False)
     categories = [dict(id=cid, name=name, supercategory='synthetic') for cid, name in COCO_CATEGORIES]
     colours = _class_colours(num_classes, seed)
-    paths = dict(root=root)
     ann_id = 1
     for split, count, split_seed in (('train2017', num_train, seed), ('val2017', num_val, seed + 1)):
         rng = np.random.RandomState(split_seed)
@@ -136,29 +146,35 @@ def make_coco(root: str, num_train: int = 4, num_val: int = 2, image_size: Seque
         with open(ann_path, 'w') as f:
             json.dump(dict(images=images, annotations=annotations, categories=categories,
                            info=dict(description='H-MaiT synthetic COCO-format data'), licenses=[]), f)
-        key = 'train' if split.startswith('train') else 'val'
-        paths[f'{key}_ann'] = ann_path
-        paths[f'{key}_img'] = img_dir
-    return paths
+    mark_folder(root, params)
+    return dict(paths, generated=True)
 
 
 def make_ade20k(root: str, num_train: int = 4, num_val: int = 2, image_size: Sequence[int] = (96, 128),
-                num_classes: int = 4, max_objects: int = 4, seed: int = 0) -> dict[str, str]:
+                num_classes: int = 4, max_objects: int = 4, seed: int = 0) -> dict:
     """Write an ADE20K-format semantic segmentation dataset under ``root`` (mmseg's default layout).
 
     ``root/images/{training,validation}/*.jpg`` and ``root/annotations/{training,validation}/*.png``:
     single-channel label maps where 0 is "other" (ignored by mmseg with ``reduce_zero_label=True``)
     and classes 1..num_classes are painted as polygons; the rest of each map is class 1 ("wall" in
     ADE20K) so every image has labelled pixels. ``image_size`` is (height, width).
-    Returns the paths keyed 'root', 'train_img', 'train_ann', 'val_img', 'val_ann'.
+    Returns the paths keyed 'root', 'train_img', 'train_ann', 'val_img', 'val_ann', and 'generated',
+    as :func:`make_coco` does (the same refusal of a foreign non-empty ``root``).
     """
     height, width = _check_size('image_size', image_size)
     _check_count('num_train', num_train)
     _check_count('num_val', num_val)
     _check_count('max_objects', max_objects)
     check_int('num_classes', num_classes, minimum=2, maximum=ADE20K_NUM_CLASSES)
-    colours = _class_colours(num_classes + 1, seed)
     paths = dict(root=root)
+    for prefix, split in (('train', 'training'), ('val', 'validation')):
+        paths[f'{prefix}_img'] = os.path.join(root, 'images', split)
+        paths[f'{prefix}_ann'] = os.path.join(root, 'annotations', split)
+    params = dict(format='ade20k', version=GENERATOR_VERSION, num_train=num_train, num_val=num_val,
+                  image_size=[height, width], num_classes=num_classes, max_objects=max_objects, seed=seed)
+    if claim_folder(root, params):
+        return dict(paths, generated=False)
+    colours = _class_colours(num_classes + 1, seed)
     for split, count, split_seed in (('training', num_train, seed), ('validation', num_val, seed + 1)):
         rng = np.random.RandomState(split_seed)
         img_dir = os.path.join(root, 'images', split)
@@ -178,6 +194,5 @@ def make_ade20k(root: str, num_train: int = 4, num_val: int = 2, image_size: Seq
                 labels[mask] = label
             Image.fromarray(image).save(os.path.join(img_dir, name + '.jpg'), quality=95)
             Image.fromarray(labels).save(os.path.join(ann_dir, name + '.png'))
-        paths[f'{prefix}_img'] = img_dir
-        paths[f'{prefix}_ann'] = ann_dir
-    return paths
+    mark_folder(root, params)
+    return dict(paths, generated=True)

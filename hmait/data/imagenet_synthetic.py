@@ -28,6 +28,39 @@ MARKER = '.hmait-synthetic.json'
 # Bumped whenever the drawing changes, so an existing folder from an older version is regenerated.
 GENERATOR_VERSION = 2
 SPLITS = {'train': 0, 'val': 1}
+# What each format writes at the top of its folder: removed when the folder is regenerated.
+FORMAT_ENTRIES = {'imagenet': ('train', 'val'), 'coco': ('train2017', 'val2017', 'annotations'),
+                  'ade20k': ('images', 'annotations')}
+
+
+def claim_folder(out_dir: str, params: dict) -> bool:
+    """Prepare ``out_dir`` for a generator run with ``params`` (``params['format']`` one of
+    ``FORMAT_ENTRIES``): True when it already holds exactly that data set, so nothing is to be written.
+
+    A non-empty folder without this project's marker is refused (FileExistsError naming it); one
+    generated with other arguments, or interrupted, loses what its format wrote. Call
+    :func:`mark_folder` once everything is written.
+    """
+    marker = osp.join(out_dir, MARKER)
+    if not (osp.isdir(out_dir) and os.listdir(out_dir)):
+        return False
+    if not osp.isfile(marker):
+        raise FileExistsError(f'{out_dir} exists, is not empty and was not written by this generator; '
+                              'choose another folder or empty it')
+    with open(marker) as f:
+        previous = json.load(f)
+    if previous == params:
+        return True
+    for entry in FORMAT_ENTRIES.get(previous.get('format'), ()):
+        shutil.rmtree(osp.join(out_dir, entry), ignore_errors=True)
+    os.remove(marker)
+    return False
+
+
+def mark_folder(out_dir: str, params: dict) -> None:
+    """Record ``params`` in ``out_dir``: written last, so a folder without it is an interrupted run."""
+    with open(osp.join(out_dir, MARKER), 'w') as f:
+        json.dump(params, f)
 
 
 def _polygon(cx: float, cy: float, radius: float, angle: float, corners: int, inner: float | None = None) -> list:
@@ -137,17 +170,8 @@ def generate_imagenet(out_dir: str, num_classes: int = 10, train_per_class: int 
         raise ValueError(f'quality must lie in [1, 95], got {quality!r}')
     params = dict(format='imagenet', version=GENERATOR_VERSION, num_classes=num_classes,
                   train_per_class=train_per_class, val_per_class=val_per_class, size=size, seed=seed, quality=quality)
-    marker = osp.join(out_dir, MARKER)
-    if osp.isdir(out_dir) and os.listdir(out_dir):
-        if not osp.isfile(marker):
-            raise FileExistsError(f'{out_dir} exists, is not empty and was not written by this generator; '
-                                  'choose another folder or empty it')
-        with open(marker) as f:
-            if json.load(f) == params:
-                return dict(params, out_dir=out_dir, generated=False)
-        for split in SPLITS:
-            shutil.rmtree(osp.join(out_dir, split), ignore_errors=True)
-        os.remove(marker)
+    if claim_folder(out_dir, params):
+        return dict(params, out_dir=out_dir, generated=False)
     names = class_names(num_classes)
     for split, split_id in SPLITS.items():
         count = train_per_class if split == 'train' else val_per_class
@@ -158,7 +182,5 @@ def generate_imagenet(out_dir: str, num_classes: int = 10, train_per_class: int 
                 rng = np.random.default_rng((seed, split_id, label, i))
                 render_sample(label, size, rng).save(osp.join(folder, f'{split}_{label:03d}_{i:05d}.JPEG'),
                                                      quality=quality)
-    # Written last: a folder without it is an interrupted run and gets regenerated.
-    with open(marker, 'w') as f:
-        json.dump(params, f)
+    mark_folder(out_dir, params)
     return dict(params, out_dir=out_dir, generated=True)
