@@ -5,6 +5,9 @@
                                                          --val-per-class 20 --size 64 --seed 0]
     python tools/generate_demo_data.py coco OUT_DIR [--classes 3 --train 4 --val 2 --height 96 --width 128]
     python tools/generate_demo_data.py ade20k OUT_DIR [--classes 4 --train 4 --val 2 --height 96 --width 128]
+
+Each records its arguments in OUT_DIR: the same arguments leave the folder as it is, others replace
+what the generator wrote, and a non-empty folder that it did not write is refused (exit status 2).
 """
 import argparse
 import sys
@@ -60,7 +63,6 @@ def main(argv=None) -> None:
     subparsers = parser.add_subparsers(dest='format', required=True, metavar='FORMAT')
     add_imagenet_parser(subparsers)
     add_dense_parsers(subparsers)
-    # Further formats (COCO, ADE20K) add their subcommands here.
     args = parser.parse_args(argv)
     try:
         summary = args.func(args)
