@@ -191,6 +191,21 @@ def test_a_hooked_or_replaced_qkv_sees_every_token():
     torch.testing.assert_close(attn(x, hw), fast, rtol=0, atol=1e-12)
 
 
+def test_pooled_layer_under_autocast_is_close_to_float64():
+    """The pooled projection under bf16 autocast (one cast of the input for both projections and the
+    pooling) against the same layer in float64, gradients finite."""
+    torch.manual_seed(0)
+    attn = MaskedMultiheadAttention(64, 4, 1, global_attn='pooled', global_grid=(3, 4))
+    x, hw = torch.randn(2, 9 * 11, 64, requires_grad=True), (9, 11)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = attn(x, hw)
+    assert out.dtype == torch.bfloat16
+    ref = attn.double()(x.double(), hw)
+    assert (out.double() - ref).abs().max() < 0.05 * ref.abs().max()
+    (grad,) = torch.autograd.grad(out.float().square().sum(), x)
+    assert torch.isfinite(grad).all()
+
+
 def test_dense_attention_maps_are_refused_beyond_the_span_grid():
     torch.manual_seed(0)
     attn = MaskedMultiheadAttention(32, 4, 2, global_attn='pooled', global_grid=(3, 4))

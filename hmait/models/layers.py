@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from ..ops import dense_attention_map, masked_attention_qkv
 from ..ops.checks import check_grid, check_mask_size, check_masked_heads, check_mode, check_positive_int, is_int
 from ..ops.global_attention import (
+    autocast_inputs,
     check_global_span,
     global_attention_qkv,
     pool_grid,
@@ -93,6 +94,8 @@ def _heads_with_pooled_projection(x: torch.Tensor, hw: tuple[int, int], qkv_weig
         return _heads(qkv, (h, w), num_heads, num_masked_heads, mask_size, mode, alpha, 0, scale, dropout_p, 'pooled',
                       grid)
     md, gd = num_masked_heads * d, (num_heads - num_masked_heads) * d
+    # Under autocast, x is cast once for both projections and the pooling (which would cast it again).
+    (x,) = autocast_inputs(x)
     # Rows of the qkv weight: q, k, v, each masked heads first. Computed densely: the global heads'
     # queries, then the masked heads' q, k and v, which thus form one packed (3, m, d) block.
     # From the pooled tokens: the global heads' keys and values.

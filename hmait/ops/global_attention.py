@@ -59,7 +59,7 @@ def global_backend(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tens
     return 'matmul' if fits else 'sdpa'
 
 
-def _autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The tensors as autocast would hand them to SDPA: floating point (float64 aside) in the autocast
     dtype when autocast is on for their device, unchanged otherwise."""
     device = tensors[0].device.type
@@ -81,7 +81,7 @@ def global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     """
     if backend not in GLOBAL_BACKENDS:
         raise ValueError(f'backend must be one of {GLOBAL_BACKENDS}, got {backend!r}')
-    q, k, v = _autocast_inputs(q, k, v)
+    q, k, v = autocast_inputs(q, k, v)
     if backend == 'auto':
         backend = global_backend(q, k, v)
     if backend == 'sdpa':
