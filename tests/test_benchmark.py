@@ -3,6 +3,7 @@ and the two benchmarks built on them, each run on tiny inputs."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -66,6 +67,18 @@ def test_peak_memory_is_the_peak_not_the_total():
     assert 4 <= peak_memory_mib(one_block) < 5
     assert 4 <= peak_memory_mib(two_blocks_in_turn) < 5
     assert 8 <= peak_memory_mib(two_blocks_at_once) < 9
+
+
+def test_peak_memory_leaves_stderr_to_the_user():
+    """torch's profiler library, started for the CPU memory peak, prints nothing of its own."""
+    env = {k: v for k, v in os.environ.items() if k != 'KINETO_LOG_LEVEL'}
+    code = ('from hmait.benchmark.measure import peak_memory_mib; import torch; '
+            'print(peak_memory_mib(lambda: torch.ones(2 ** 20)))')
+    proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, env={**env, 'PYTHONPATH': str(REPO)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert 3.9 < float(proc.stdout) < 4.1
+    assert 'gpuGetDeviceCount' not in proc.stderr and 'profiler_start' not in proc.stderr, proc.stderr
 
 
 def test_peak_memory_of_a_tiny_model_excludes_its_weights():

@@ -101,6 +101,11 @@ def time_alternating(fns: Mapping[str, Callable[[], object]], *, reps: int, iter
 
 def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
     from torch.profiler import ProfilerActivity, profile
+
+    # torch's profiler library (kineto) writes start/stop lines and, without a GPU, an 'ERROR' about the
+    # GPU count to stderr when it first starts; level 6 silences them. Read at that first start, so
+    # a level set before (in the environment or earlier in the process) is kept.
+    os.environ.setdefault('KINETO_LOG_LEVEL', '6')
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     # Each '[memory]' event is one allocation (+bytes) or free (-bytes); the running sum in time
