@@ -29,3 +29,18 @@ def test_count_uses_the_config_test_size_by_default():
     explicit, _ = count_config_complexity(cfg, (64, 64))
     larger, _ = count_config_complexity(cfg, (96, 96))
     assert default.macs == explicit.macs < larger.macs
+
+
+def test_a_two_stage_detector_counts_the_same_on_every_run():
+    """Its total depends on how many proposals the freshly initialised RPN keeps: the count seeds the
+    initialisation (and leaves the caller's random state as it was)."""
+    pytest.importorskip('mmdet')
+    import torch
+    options = {'model.backbone.depths': (1, 1, 1, 1), 'model.backbone.init_cfg': None}
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    counts = {count_config_complexity(str(CONFIGS / 'mask-rcnn_hmait-t_fpn_1x_coco.py'), (256, 320), options)[0].macs
+              for _ in range(3)}
+    assert len(counts) == 1
+    assert torch.equal(torch.rand(1), expected_next)

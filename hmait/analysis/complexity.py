@@ -208,11 +208,16 @@ def count_config_complexity(config: str | Config, shape: Sequence[int] | None = 
 
     ``shape`` None takes the config's own test input size (:func:`config_test_shape`).
     Returns (model report, backbone report); the backbone report is None for ``backbone_only``,
-    where the first report is the backbone's. Runs on CPU.
+    where the first report is the backbone's. Runs on CPU, with the model initialised from seed 0, so
+    that the count is the same on every run.
     """
     cfg = read_config(config, cfg_options)
     height, width = _check_shape(config_test_shape(cfg) if shape is None else shape)
-    model = build_model(cfg, part='model')
+    # Seeded: a two-stage detector's count depends on how many proposals its freshly initialised RPN
+    # keeps, so an unseeded build gave another total on every run. The caller's RNG state is kept.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_model(cfg, part='model')
     x = torch.zeros(1, 3, height, width)
     backbone = getattr(model, 'backbone', None)
     if backbone_only:
