@@ -40,10 +40,11 @@ from mmengine.config import Config
 from ..builder import build_model, read_config
 from ..models.layers import MaskedMultiheadAttention
 from ..ops.checks import is_int
+from ..ops.global_attention import span_fits
 
 
 def _beyond(hw: tuple[int, int] | None, span: str, grid: tuple[int, int] | None) -> bool:
-    return span != 'full' and hw is not None and (hw[0] > grid[0] or hw[1] > grid[1])
+    return span != 'full' and hw is not None and not span_fits(hw[0], hw[1], grid)
 
 
 def global_head_macs(num_tokens: int, head_dim: int, hw: tuple[int, int] | None = None, span: str = 'full',

@@ -220,8 +220,8 @@ class MaskedMultiheadAttention(nn.Module):
         The global heads' maps are those of full attention: with ``global_attn`` other than ``'full'``
         they are refused on grids larger than ``global_grid``, where the heads compute something else.
         """
-        if self.global_grid is not None and self.num_masked_heads < self.num_heads and (
-                hw[0] > self.global_grid[0] or hw[1] > self.global_grid[1]):
+        if (self.global_grid is not None and self.num_masked_heads < self.num_heads
+                and not span_fits(hw[0], hw[1], self.global_grid)):
             raise ValueError(f'attention_maps: the {self.global_attn} global heads have no dense map on the grid '
                              f'{tuple(hw)}, larger than global_grid {self.global_grid}; analyse at most that grid')
         q, k, _ = qkv_heads(self._qkv(x))
