@@ -460,7 +460,7 @@ def test_soft_mode_and_export_keep_the_portable_path():
     with _OpNames() as soft:
         torch_masked_attention(q, k, v, (5, 6), 3, 'soft', torch.full((3,), 0.5), num_prefix_tokens=1)
     assert not any('hmait' in name for name in soft.names)
-    with pytest.raises(ValueError, match="backend='cpu' implements mode 'hard' and 'strict'"):
+    with pytest.raises(ValueError, match="backend='cpu' .* cannot run this call: it implements modes 'hard'"):
         torch_masked_attention(q, k, v, (5, 6), 3, 'soft', torch.full((3,), 0.5), 1, backend='cpu')
     block = MaskedAttentionBlock(32, num_heads=4, num_masked_heads=2).eval()
     exported = torch.export.export(block, (torch.randn(2, 12, 32), (3, 4)))
@@ -540,4 +540,5 @@ def test_missing_kernel_warns_once_and_falls_back(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'warnings 1 hmait: the compiled CPU masked-attention kernel is unavailable (not built in' in proc.stdout
     assert 'make setup' in proc.stdout and 'equal True' in proc.stdout
-    assert "cpu backend: backend='cpu': the compiled CPU kernel is unavailable: not built in" in proc.stdout
+    assert ("cpu backend: backend='cpu' (the call's backend argument (or its module's)) cannot run this call: "
+            "the compiled CPU masked-attention kernel is unavailable (not built in") in proc.stdout

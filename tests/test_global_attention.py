@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from hmait.ops import dense_attention_map, global_attention
-from hmait.ops.global_attention import MATMUL_LIMITS, MATMUL_MAX_HEAD_DIM, global_backend
+from hmait.ops.backends import MATMUL_LIMITS, MATMUL_MAX_HEAD_DIM, choose_global
 
 # The module itself: hmait.ops's function of the same name shadows it as an attribute.
 global_attention_module = importlib.import_module('hmait.ops.global_attention')
@@ -66,7 +66,7 @@ def test_auto_takes_the_matmuls_only_for_short_cpu_sequences_and_small_maps():
     for dtype, limits in MATMUL_LIMITS.items():
         for mode, (tokens, logits) in limits.items():
             def backend(b, n, dtype=dtype, grad=mode == 'train'):
-                return global_backend(torch.empty(b, 1, n, 8, dtype=dtype, requires_grad=grad))
+                return choose_global(torch.empty(b, 1, n, 8, dtype=dtype, requires_grad=grad)).backend
             assert backend(1, tokens) == 'matmul', (dtype, mode)
             assert backend(1, tokens + 1) == 'sdpa', (dtype, mode)
             # The same length with a batch whose logits map is over the limit.
@@ -76,15 +76,15 @@ def test_auto_takes_the_matmuls_only_for_short_cpu_sequences_and_small_maps():
     n = MATMUL_LIMITS[torch.bfloat16]['train'][0]
     assert n > MATMUL_LIMITS[torch.bfloat16]['eval'][0]
     q = torch.empty(1, 1, n, 8, dtype=torch.bfloat16, requires_grad=True)
-    assert global_backend(q) == 'matmul'
+    assert choose_global(q).backend == 'matmul'
     with torch.no_grad():
-        assert global_backend(q) == 'sdpa'
-    assert global_backend(q.detach(), q.detach(), q) == 'matmul'
+        assert choose_global(q).backend == 'sdpa'
+    assert choose_global(q.detach(), q.detach(), q).backend == 'matmul'
     for dtype in (torch.float16, torch.float64):
-        assert global_backend(torch.empty(1, 1, 16, 8, dtype=dtype)) == 'sdpa'
-    assert global_backend(torch.empty(1, 1, 16, MATMUL_MAX_HEAD_DIM)) == 'matmul'
-    assert global_backend(torch.empty(1, 1, 16, MATMUL_MAX_HEAD_DIM + 1)) == 'sdpa'
-    assert global_backend(torch.empty(1, 1, 16, 8, device='meta')) == 'sdpa'
+        assert choose_global(torch.empty(1, 1, 16, 8, dtype=dtype)).backend == 'sdpa'
+    assert choose_global(torch.empty(1, 1, 16, MATMUL_MAX_HEAD_DIM)).backend == 'matmul'
+    assert choose_global(torch.empty(1, 1, 16, MATMUL_MAX_HEAD_DIM + 1)).backend == 'sdpa'
+    assert choose_global(torch.empty(1, 1, 16, 8, device='meta')).backend == 'sdpa'
 
 
 def test_auto_runs_the_backend_it_picks(monkeypatch):
@@ -111,7 +111,7 @@ def test_autocast_gives_both_backends_the_autocast_dtype(backend):
     q, k, v = (t.detach() for t in _inputs(n, torch.float32, scale=1.0))
     ref = global_attention(q.double(), k.double(), v.double())
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-        assert global_backend(q.bfloat16()) == 'matmul'
+        assert choose_global(q.bfloat16()).backend == 'matmul'
         out = global_attention(q, k, v, backend=backend)
     assert out.dtype == torch.bfloat16
     assert (out.double() - ref).abs().max() < 3e-2
@@ -145,7 +145,7 @@ class _Global(torch.nn.Module):
 
 def test_export_keeps_sdpa_so_the_graph_does_not_depend_on_the_length():
     q, k, v = (t.detach() for t in _inputs(16, torch.float32))
-    assert global_backend(q) == 'matmul'  # what eager mode takes at this length
+    assert choose_global(q).backend == 'matmul'  # what eager mode takes at this length
     n = torch.export.Dim('n', min=2, max=1024)
     exported = torch.export.export(_Global(), (q, k, v), dynamic_shapes=({2: n}, {2: n}, {2: n}))
     targets = {str(node.target) for node in exported.graph.nodes if node.op == 'call_function'}

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import hmait  # noqa: F401  (registers the models)
 from hmait.models import HMaiT, MaskedMultiheadAttention, convert_swin_state_dict
 from hmait.ops import dense_masked_attention
-from hmait.ops.global_attention import global_backend
+from hmait.ops.backends import choose_global
 
 SMALL = dict(depths=(1, 1, 1, 1), drop_path_rate=0.)
 
@@ -306,7 +306,7 @@ def test_absolute_position_embedding_is_resized():
 def test_global_heads_drop_attention_only_in_training(dtype, backend):
     attn = MaskedMultiheadAttention(8, 2, num_masked_heads=1, attn_drop=0.5).to(dtype)
     x = torch.randn(1, 9, 8, dtype=dtype)
-    assert global_backend(torch.empty(1, 1, 9, 4, dtype=dtype, requires_grad=True)) == backend
+    assert choose_global(torch.empty(1, 1, 9, 4, dtype=dtype, requires_grad=True)).backend == backend
     attn.eval()
     assert torch.equal(attn(x, (3, 3)), attn(x, (3, 3)))
     attn.train()
@@ -322,7 +322,7 @@ def test_global_heads_match_manual_attention_with_the_module_scale(dtype, backen
     attn = MaskedMultiheadAttention(8, 2, num_masked_heads=0, qk_scale=0.1).to(dtype)
     x = torch.randn(1, 6, 8, dtype=dtype)
     q, k, v = attn.qkv(x).reshape(1, 6, 3, 2, 4).permute(2, 0, 3, 1, 4)
-    assert global_backend(q) == backend
+    assert choose_global(q).backend == backend
     ref = F.softmax((q.double() @ k.double().transpose(-2, -1)) * 0.1, -1) @ v.double()
     out = attn.proj(ref.transpose(1, 2).reshape(1, 6, 8).to(dtype))
     torch.testing.assert_close(attn(x, (2, 3)), out)

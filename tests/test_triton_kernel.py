@@ -111,7 +111,7 @@ def test_backend_argument_is_checked():
     q, k, v = _qkv(9)
     with pytest.raises(ValueError, match='backend must be one of'):
         masked_attention(q, k, v, (3, 3), backend='cuda')
-    with pytest.raises(ValueError, match="mode 'hard' and 'strict'"):
+    with pytest.raises(ValueError, match="modes 'hard' and 'strict'"):
         masked_attention(q, k, v, (3, 3), mode='soft', alpha=torch.full((2,), 0.5, device=DEVICE),
                          backend='triton')
 

@@ -10,6 +10,7 @@ from timm.layers import DropPath, LayerScale, Mlp, register_notrace_function
 from torch.utils.checkpoint import checkpoint
 
 from ..ops import dense_attention_map, masked_attention_qkv
+from ..ops.backends import check_backend
 from ..ops.checks import check_grid, check_mask_size, check_masked_heads, check_mode, check_positive_int, is_int
 from ..ops.global_attention import (
     autocast_inputs,
@@ -28,9 +29,9 @@ from ..ops.masked_attention import qkv_heads
 @register_notrace_function
 @torch.jit.ignore  # TorchScript (deprecated in torch) calls it in Python; torch.compile and torch.export trace it
 def _masked_heads(qkv: torch.Tensor, hw: tuple[int, int], mask_size: int, mode: str, alpha: torch.Tensor | None,
-                  num_prefix_tokens: int, scale: float) -> torch.Tensor:
+                  num_prefix_tokens: int, scale: float, backend: str) -> torch.Tensor:
     """:func:`hmait.ops.masked_attention_qkv` of the masked heads, ``(B, N, 3, m, d)`` -> ``(B, N, m, d)``."""
-    return masked_attention_qkv(qkv, hw, mask_size, mode, alpha, num_prefix_tokens, scale)
+    return masked_attention_qkv(qkv, hw, mask_size, mode, alpha, num_prefix_tokens, scale, backend)
 
 
 # One call for torch.fx too: the backend is picked from the sequence length, the span from the grid
@@ -39,16 +40,18 @@ def _masked_heads(qkv: torch.Tensor, hw: tuple[int, int], mask_size: int, mode: 
 @register_notrace_function
 @torch.jit.ignore
 def _global_heads(qkv: torch.Tensor, hw: tuple[int, int], scale: float, dropout_p: float, span: str,
-                  grid: tuple[int, int] | None) -> torch.Tensor:
+                  grid: tuple[int, int] | None, backend: str) -> torch.Tensor:
     """:func:`hmait.ops.global_attention.global_attention_qkv` of the global heads,
     ``(B, N, 3, g, d)`` -> ``(B, N, g, d)``."""
-    return global_attention_qkv(qkv, hw, scale, dropout_p, span, grid)
+    return global_attention_qkv(qkv, hw, scale, dropout_p, span, grid, backend)
 
 
 def _heads(qkv: torch.Tensor, hw: tuple[int, int], num_heads: int, num_masked_heads: int, mask_size: int, mode: str,
            alpha: torch.Tensor | None, num_prefix_tokens: int, scale: float, dropout_p: float, span: str,
-           grid: tuple[int, int] | None) -> torch.Tensor:
-    """Every head of a packed ``(B, N, 3, heads, d)`` projection -> ``(B, N, heads, d)``, masked heads first."""
+           grid: tuple[int, int] | None, backends: tuple[str, str]) -> torch.Tensor:
+    """Every head of a packed ``(B, N, 3, heads, d)`` projection -> ``(B, N, heads, d)``, masked heads first.
+
+    ``backends``: those of the masked and of the global heads (:mod:`hmait.ops.backends`)."""
     m = num_masked_heads
     # One split of the projection into the masked and the global heads (none where a stage has
     # only one kind): its backward is one cat, where slicing q, k and v apart would give six
@@ -66,9 +69,9 @@ def _heads(qkv: torch.Tensor, hw: tuple[int, int], num_heads: int, num_masked_he
     # pays one copy, in the cat.
     outs = []
     if masked is not None:
-        outs.append(_masked_heads(masked, hw, mask_size, mode, alpha, num_prefix_tokens, scale))
+        outs.append(_masked_heads(masked, hw, mask_size, mode, alpha, num_prefix_tokens, scale, backends[0]))
     if glob is not None:
-        outs.append(_global_heads(glob, hw, scale, dropout_p, span, grid))
+        outs.append(_global_heads(glob, hw, scale, dropout_p, span, grid, backends[1]))
     return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
 
@@ -78,7 +81,7 @@ def _heads(qkv: torch.Tensor, hw: tuple[int, int], num_heads: int, num_masked_he
 def _heads_with_pooled_projection(x: torch.Tensor, hw: tuple[int, int], qkv_weight: torch.Tensor,
                                   qkv_bias: torch.Tensor | None, num_heads: int, num_masked_heads: int, mask_size: int,
                                   mode: str, alpha: torch.Tensor | None, scale: float, dropout_p: float,
-                                  grid: tuple[int, int] | None) -> torch.Tensor:
+                                  grid: tuple[int, int] | None, backends: tuple[str, str]) -> torch.Tensor:
     """Every head of a layer with pooled global heads, from its input ``(B, N, dim)`` -> ``(B, N, heads, d)``.
 
     Beyond the span grid the global heads' keys and values are projected from the pooled tokens:
@@ -92,7 +95,7 @@ def _heads_with_pooled_projection(x: torch.Tensor, hw: tuple[int, int], qkv_weig
     if span_fits(h, w, grid):
         qkv = F.linear(x, qkv_weight, qkv_bias).reshape(b, n, 3, num_heads, d)
         return _heads(qkv, (h, w), num_heads, num_masked_heads, mask_size, mode, alpha, 0, scale, dropout_p, 'pooled',
-                      grid)
+                      grid, backends)
     md, gd = num_masked_heads * d, (num_heads - num_masked_heads) * d
     # Under autocast, x is cast once for both projections and the pooling (which would cast it again).
     (x,) = autocast_inputs(x)
@@ -108,11 +111,11 @@ def _heads_with_pooled_projection(x: torch.Tensor, hw: tuple[int, int], qkv_weig
     projected = F.linear(x, *dense)                                                     # (B, N, gd + 3 md)
     kv = F.linear(pool_grid(x, (h, w), pooled_size(h, w, grid)), *pooled)             # (B, K, 2 gd)
     out = pooled_attention(projected[..., :gd].reshape(b, n, -1, d), kv.reshape(b, -1, 2, gd // d, d), scale,
-                           dropout_p)
+                           dropout_p, backends[1])
     if not num_masked_heads:
         return out
     masked = _masked_heads(projected[..., gd:].reshape(b, n, 3, num_masked_heads, d), (h, w), mask_size, mode, alpha,
-                           0, scale)
+                           0, scale, backends[0])
     return torch.cat([masked, out], dim=2)
 
 
@@ -129,6 +132,8 @@ class MaskedMultiheadAttention(nn.Module):
     ``global_attn`` is how far the global heads reach (``hmait.ops.global_attention.GLOBAL_SPANS``):
     ``'full'`` (the paper), or ``'pooled'`` / ``'windowed'`` with ``global_grid`` ``(h, w)``, the grid
     beyond which keys are pooled or windows begin (no prefix tokens then).
+    ``masked_backend`` and ``global_backend`` (attributes too, settable on a built model) are the backends
+    this module's heads ask for (:mod:`hmait.ops.backends`; ``'auto'``: the process's choice).
     ``device`` and ``dtype`` place the parameters, as in timm's layers.
     """
 
@@ -139,6 +144,7 @@ class MaskedMultiheadAttention(nn.Module):
                  mode: str = 'hard', qkv_bias: bool = True, qk_scale: float | None = None,
                  attn_drop: float = 0., proj_drop: float = 0., num_prefix_tokens: int = 0,
                  alpha_init: float = 0.5, global_attn: str = 'full', global_grid: tuple[int, int] | None = None,
+                 masked_backend: str = 'auto', global_backend: str = 'auto',
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
@@ -160,6 +166,8 @@ class MaskedMultiheadAttention(nn.Module):
             if num_prefix_tokens:
                 raise ValueError(f'global_attn={global_attn!r} works on a token grid without prefix tokens, '
                                  f'got num_prefix_tokens={num_prefix_tokens}; use global_attn=\'full\'')
+        self.masked_backend = check_backend('masked', masked_backend, 'masked_backend')
+        self.global_backend = check_backend('global', global_backend, 'global_backend')
         self.global_attn = global_attn
         self.global_grid = None if global_attn == 'full' else (int(global_grid[0]), int(global_grid[1]))
         self.num_heads = num_heads
@@ -207,10 +215,11 @@ class MaskedMultiheadAttention(nn.Module):
         if self._projects_pooled():
             x = _heads_with_pooled_projection(x, hw, self.qkv.weight, self.qkv.bias, self.num_heads,
                                               self.num_masked_heads, self.mask_size, self.mode, alpha, self.scale,
-                                              dropout_p, self.global_grid)
+                                              dropout_p, self.global_grid, (self.masked_backend, self.global_backend))
         else:
             x = _heads(self._qkv(x), hw, self.num_heads, self.num_masked_heads, self.mask_size, self.mode, alpha,
-                       self.num_prefix_tokens, self.scale, dropout_p, self.global_attn, self.global_grid)
+                       self.num_prefix_tokens, self.scale, dropout_p, self.global_attn, self.global_grid,
+                       (self.masked_backend, self.global_backend))
         return self.proj_drop(self.proj(x.reshape(b, n, c)))
 
     @torch.no_grad()

@@ -6,7 +6,8 @@ two batched matmuls and a softmax, most of all in the bf16 backward: measured wi
 ``tools/analysis/benchmark_attention.py --paths sdpa-global global-matmul`` (see
 docs/benchmarks.md). For long sequences flash is the faster one and keeps no ``(N, N)`` map, so
 ``backend='auto'`` takes the matmuls only up to a token count and a logits count per dtype
-(larger when gradients are taken), on CPU, in eager mode.
+(larger when gradients are taken), on CPU, in eager mode: :mod:`hmait.ops.backends` holds those
+limits, makes the choice and says why.
 Under ``torch.compile``, ``torch.export``, ONNX export and tracing it always takes SDPA, so that
 the traced graph does not depend on the sequence length. Both paths are tested against the
 unmasked dense reference (``dense_attention_map(..., mode=None) @ v``), gradients included.
@@ -22,41 +23,9 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .checks import check_grid, exporting
+from .backends import GLOBAL_BACKENDS, choose_global  # noqa: F401 (GLOBAL_BACKENDS re-exported)
+from .checks import check_grid
 from .masked_attention import qkv_heads
-
-GLOBAL_BACKENDS = ('auto', 'sdpa', 'matmul')
-
-# Where 'auto' takes the matmuls on CPU: (most tokens, prefix tokens included; most logits,
-# B * heads * N * N), for training (gradients needed) and for evaluation. The plain path keeps the
-# whole (B, heads, N, N) map, so it loses once the map outgrows the caches as well as for long
-# sequences; flash's backward is the slow part, so training gains over a wider range. Measured with
-# tools/analysis/benchmark_attention.py on a 2-core AMD Zen 4 (docs/benchmarks.md); other CPUs
-# may cross over elsewhere. Other dtypes (float16, float64) always take SDPA.
-MATMUL_LIMITS = {
-    torch.bfloat16: {'train': (256, 1 << 23), 'eval': (196, 1 << 22)},
-    torch.float32: {'train': (144, 1 << 21), 'eval': (100, 1 << 20)},
-}
-# ... and only for heads of at most this size: H-MaiT's 32. At MaiT's 64 (196 tokens, 6 heads) the
-# matmuls' forward took twice SDPA's time and the training pass was level.
-MATMUL_MAX_HEAD_DIM = 32
-
-
-def global_backend(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> str:
-    """The backend ``'auto'`` picks for ``(B, heads, N, d)`` q (and k, v): ``'matmul'`` or ``'sdpa'``.
-
-    Training limits apply when gradients will be taken, that is grad mode is on and one of the
-    inputs requires them."""
-    if (q.device.type != 'cpu' or exporting() or torch.compiler.is_compiling() or torch.jit.is_tracing()):
-        return 'sdpa'
-    limits = MATMUL_LIMITS.get(q.dtype)
-    if limits is None or q.shape[-1] > MATMUL_MAX_HEAD_DIM:
-        return 'sdpa'
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v))
-    max_tokens, max_logits = limits['train' if grad else 'eval']
-    n, n_keys = q.shape[-2], q.shape[-2] if k is None else k.shape[-2]
-    fits = max(n, n_keys) <= max_tokens and q.shape[:-2].numel() * n * n_keys <= max_logits
-    return 'matmul' if fits else 'sdpa'
 
 
 def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -74,16 +43,13 @@ def global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     """Unmasked attention of ``(B, heads, N, d)`` q, k, v -> ``(B, heads, N, d_v)``, in their dtype.
 
     ``dropout_p`` drops attention probabilities (pass 0 in evaluation, as with SDPA).
-    ``backend``: ``'auto'`` (see :func:`global_backend`), ``'sdpa'`` or ``'matmul'``.
+    ``backend``: ``'auto'`` (:func:`hmait.ops.backends.choose_global` picks), ``'sdpa'`` or ``'matmul'``.
     ``bias``: an optional float tensor added to the scaled logits, broadcastable to ``(B, heads, N, N_k)``
     (SDPA's float ``attn_mask``).
     Under autocast both backends compute in the autocast dtype, as SDPA does there.
     """
-    if backend not in GLOBAL_BACKENDS:
-        raise ValueError(f'backend must be one of {GLOBAL_BACKENDS}, got {backend!r}')
     q, k, v = autocast_inputs(q, k, v)
-    if backend == 'auto':
-        backend = global_backend(q, k, v)
+    backend = choose_global(q, k, v, backend).backend
     if backend == 'sdpa':
         mask = None if bias is None else bias.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
@@ -186,10 +152,10 @@ def _padded_key_bias(hw, size: tuple[int, int], counts, dtype: torch.dtype, devi
 
 
 def pooled_attention(q: torch.Tensor, kv: torch.Tensor, scale: float | None = None,
-                     dropout_p: float = 0.) -> torch.Tensor:
+                     dropout_p: float = 0., backend: str = 'auto') -> torch.Tensor:
     """Queries ``(B, N, heads, d)`` over pooled keys and values ``(B, K, 2, heads, d)`` -> ``(B, N, heads, d)``."""
     kv = kv.permute(2, 0, 3, 1, 4)
-    return global_attention(q.transpose(1, 2), kv[0], kv[1], scale, dropout_p).transpose(1, 2)
+    return global_attention(q.transpose(1, 2), kv[0], kv[1], scale, dropout_p, backend).transpose(1, 2)
 
 
 def check_global_span(span, name: str = 'global_attn') -> str:
@@ -199,28 +165,29 @@ def check_global_span(span, name: str = 'global_attn') -> str:
 
 
 def global_attention_qkv(qkv: torch.Tensor, hw, scale: float | None = None, dropout_p: float = 0.,
-                         span: str = 'full', grid: tuple[int, int] | None = None) -> torch.Tensor:
+                         span: str = 'full', grid: tuple[int, int] | None = None,
+                         backend: str = 'auto') -> torch.Tensor:
     """Global heads of a packed ``(B, h * w, 3, heads, d)`` grid projection -> ``(B, h * w, heads, d)``.
 
     ``span`` (see ``GLOBAL_SPANS``) with ``grid``, the span grid: ``'full'`` attends over the whole
     grid (:func:`global_attention`); ``'pooled'`` over keys and values average-pooled to
     ``min(h, grid_h) x min(w, grid_w)``; ``'windowed'`` within ``grid``-sized windows. Where the grid
     fits inside the span grid all three are :func:`global_attention` itself. Prefix tokens are not
-    supported by the pooled and windowed spans.
+    supported by the pooled and windowed spans. ``backend`` is :func:`global_attention`'s.
     """
     check_global_span(span, 'span')
     h, w = check_grid(hw)
     if span == 'full' or span_fits(h, w, grid):
         q, k, v = qkv_heads(qkv)
-        return global_attention(q, k, v, scale, dropout_p).transpose(1, 2)
+        return global_attention(q, k, v, scale, dropout_p, backend).transpose(1, 2)
     b, n, _, heads, d = qkv.shape
     if span == 'pooled':
         kv = pool_grid(qkv[:, :, 1:].reshape(b, n, 2 * heads * d), (h, w), pooled_size(h, w, grid))
-        return pooled_attention(qkv[:, :, 0], kv.reshape(b, -1, 2, heads, d), scale, dropout_p)
+        return pooled_attention(qkv[:, :, 0], kv.reshape(b, -1, 2, heads, d), scale, dropout_p, backend)
     windows, counts = _window_grid(qkv.reshape(b, n, 3 * heads * d), (h, w), grid)
     q, k, v = qkv_heads(windows.reshape(windows.shape[0], -1, 3, heads, d))
     bias = None
     if isinstance(h, torch.SymInt) or isinstance(w, torch.SymInt) or h % grid[0] or w % grid[1]:
         bias = _padded_key_bias((h, w), grid, counts, torch.float32, qkv.device).repeat(b, 1, 1, 1)
-    out = global_attention(q, k, v, scale, dropout_p, bias=bias).transpose(1, 2)       # (B*nW, S, heads, d)
+    out = global_attention(q, k, v, scale, dropout_p, backend, bias=bias).transpose(1, 2)       # (B*nW, S, heads, d)
     return _unwindow_grid(out.reshape(out.shape[0], -1, heads * d), (h, w), grid, counts).reshape(b, n, heads, d)

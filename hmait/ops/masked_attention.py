@@ -16,41 +16,14 @@ Modes (how a non-neighbour logit ``s = q.k / sqrt(d)`` enters the softmax):
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import importlib.util
-import os
-import warnings
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .backends import EXPORT_FORMS, MASKED_BACKENDS, choose_masked, export_form, export_masked_heads  # noqa: F401
 from .checks import check_grid, check_int, check_mask_size, check_mode, check_packed_qkv, exporting
 
-BACKENDS = ('auto', 'torch', 'halo', 'triton', 'cpu', 'openvino')
-
-# How an export writes the hard and strict masked heads: 'halo' (standard ONNX operators, readable by
-# every runtime; the default) or 'openvino' (one node hmait.MaskedAttention per layer, which OpenVINO
-# runs with the project's CPU kernel once hmait.ops.openvino_extension is loaded). 'openvino-bf16' casts
-# the node's input and output to bfloat16: OpenVINO runs custom nodes in the precision the graph gives
-# them, so under its bf16 inference precision a float32 node costs two conversions per layer, while
-# under f32 precision a bf16 node rounds its inputs. 'kernel' is for torch.export only: the C++ kernel's op
-# hmait::masked_attention_cpu_qkv_fwd stays in the graph, which an AOTInductor package then calls through
-# the dispatcher (its library loaded first); the op takes a static grid. Set with export_masked_heads();
-# read when traced.
-EXPORT_FORMS = ('halo', 'openvino', 'openvino-bf16', 'kernel')
-_EXPORT_FORM = contextvars.ContextVar('hmait_export_masked_heads', default='halo')
-
-# 'auto' picks the compiled kernels for hard/strict heads (Triton on CUDA, C++ on CPU); this
-# variable, read once at import, turns that off ('torch') without touching code.
-_BACKEND_ENV = 'HMAIT_MASKED_ATTENTION_BACKEND'
-_ENV_BACKEND = os.environ.get(_BACKEND_ENV, 'auto')
-# Checked without importing triton, so CPU-only users never load it.
-_TRITON_AVAILABLE = importlib.util.find_spec('triton') is not None
-# What the compiled kernels (Triton on CUDA, C++ on CPU) read; other dtypes take the PyTorch path.
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+BACKENDS = MASKED_BACKENDS
 
 # Soft mode works on query chunks so that no (N, N) tensor is ever alive; this bounds the
 # number of float32 logits per chunk (about 64 MiB).
@@ -391,7 +364,7 @@ def _openvino_node(qkv: torch.Tensor, h, w, mask_size: int, mode: str, num_prefi
     b, n, _, heads, d = qkv.shape
     scale = d ** -0.5 if scale is None else scale
     dtype = qkv.dtype
-    if _EXPORT_FORM.get() == 'openvino-bf16':
+    if export_form() == 'openvino-bf16':
         qkv = qkv.to(torch.bfloat16)
     grid = torch.tensor([h, w], dtype=torch.int64)
     attributes = dict(mask_size=mask_size, mode=mode, num_prefix_tokens=num_prefix_tokens, scale=float(scale))
@@ -414,106 +387,6 @@ def _triton_local_attention(q, k, v, h, w, mask_size, mode, num_prefix_tokens, s
     return grid_out
 
 
-_warned_cpu_fallback = False
-
-
-def _cpu_kernel_status() -> tuple[bool, str]:
-    """Whether the compiled CPU kernel can run here and, if not, why; builds nothing that was not built."""
-    from . import cpu_kernel  # imported lazily: it may start a compiler
-
-    status = cpu_kernel.decided_status()
-    if status is not None:
-        return status
-    if torch.compiler.is_compiling():
-        # Loading takes a lock torch.compile cannot trace: only a kernel loaded before tracing is used.
-        return False, 'not loaded before torch.compile traced this call; call hmait.ops.cpu_kernel.build() first'
-    if not cpu_kernel.is_built():
-        return False, (f'not built in {cpu_kernel.extension_dir()}; build it with `make setup` or '
-                       '`python -c "from hmait.ops import cpu_kernel; cpu_kernel.build(verbose=True)"`')
-    return cpu_kernel.cpu_kernel_status()
-
-
-
-
-@contextlib.contextmanager
-def export_masked_heads(form: str) -> Iterator[None]:
-    """Within the block, exports write the hard and strict masked heads in ``form`` (:data:`EXPORT_FORMS`)."""
-    if form not in EXPORT_FORMS:
-        raise ValueError(f'the export form of the masked heads must be one of {EXPORT_FORMS}, got {form!r}')
-    if form == 'kernel':
-        # Loaded here, before tracing starts: the build takes a lock that a tracer cannot follow.
-        available, reason = _cpu_kernel_status()
-        if not available:
-            raise RuntimeError(f"export form 'kernel': the compiled CPU kernel is unavailable: {reason}")
-    token = _EXPORT_FORM.set(form)
-    try:
-        yield
-    finally:
-        _EXPORT_FORM.reset(token)
-
-
-def _check_openvino_head_sizes(q: torch.Tensor, v_dim: int) -> None:
-    if v_dim != q.shape[-1]:
-        raise ValueError(f"the OpenVINO node takes a packed qkv of one head size; got head sizes {q.shape[-1]} "
-                         f"(q, k) and {v_dim} (v): export these heads with masked_heads='halo'")
-
-
-def _choose_backend(q: torch.Tensor, v_dim: int, mode: str, backend: str) -> str:
-    """'torch', 'halo', 'triton', 'cpu' or 'openvino' for this call (see :func:`masked_attention`'s ``backend``)."""
-    if backend not in BACKENDS:
-        raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
-    if backend == 'auto':
-        backend = _ENV_BACKEND
-        if backend not in BACKENDS:
-            raise ValueError(f'the environment variable {_BACKEND_ENV} must be one of {BACKENDS}, '
-                             f'got {backend!r}')
-    if backend in ('halo', 'triton', 'cpu', 'openvino'):
-        if mode == 'soft':
-            raise ValueError(f"backend={backend!r} implements mode 'hard' and 'strict'; "
-                             "use backend 'auto' or 'torch' for mode 'soft'")
-        if backend == 'cpu':
-            available, reason = _cpu_kernel_status()
-            if not available:
-                raise RuntimeError(f"backend='cpu': the compiled CPU kernel is unavailable: {reason}")
-        if backend == 'openvino':
-            if not exporting():
-                raise ValueError("backend='openvino' writes an OpenVINO node into an export and runs only while "
-                                 "torch.onnx.export traces; in PyTorch use backend 'auto'")
-            _check_openvino_head_sizes(q, v_dim)
-        return backend
-    if backend == 'torch' or mode == 'soft':
-        return 'torch'
-    if exporting():
-        # By default ONNX and torch.export graphs hold standard operators only, which every runtime
-        # knows: the halo form's batched MatMuls rather than the shifted slices of the 'torch' path.
-        form = _EXPORT_FORM.get()
-        if form == 'halo':
-            return 'halo'
-        if form == 'kernel':
-            if q.device.type != 'cpu' or q.dtype not in _KERNEL_DTYPES:
-                raise ValueError(f"export form 'kernel' exports the CPU kernel: q must be a CPU tensor of "
-                                 f"{_KERNEL_DTYPES}, got {q.dtype} on {q.device}")
-            return 'cpu'
-        _check_openvino_head_sizes(q, v_dim)
-        return 'openvino'
-    if q.dtype not in _KERNEL_DTYPES:
-        return 'torch'
-    if q.is_cuda:
-        use_triton = _TRITON_AVAILABLE and max(q.shape[-1], v_dim) <= 256  # triton_masked.MAX_HEAD_DIM
-        return 'triton' if use_triton and q.dtype != torch.float64 else 'torch'
-    if q.device.type != 'cpu':
-        return 'torch'
-    available, reason = _cpu_kernel_status()
-    if available:
-        return 'cpu'
-    global _warned_cpu_fallback
-    if not _warned_cpu_fallback and not torch.compiler.is_compiling():
-        _warned_cpu_fallback = True
-        warnings.warn(f'hmait: the compiled CPU masked-attention kernel is unavailable ({reason}); masked heads '
-                      'run on the slower PyTorch path', RuntimeWarning, stacklevel=3)
-    return 'torch'
-
-
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw, mask_size: int = 3,
                      mode: str = 'hard', alpha: torch.Tensor | None = None, num_prefix_tokens: int = 0,
                      scale: float | None = None, backend: str = 'auto') -> torch.Tensor:
@@ -532,7 +405,8 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw, mask
       process when it is not. ONNX and ``torch.export`` exports take 'halo' (or the form set by
       :func:`export_masked_heads`), and under
       ``torch.compile`` the CPU kernel is used only if it was loaded before tracing.
-      ``HMAIT_MASKED_ATTENTION_BACKEND=torch``, read when hmait is imported, turns 'auto' into 'torch'.
+      :mod:`hmait.ops.backends` makes the choice, says why (its debug log) and holds the settings
+      that replace 'auto' process-wide (``set_backend('masked', ...)``, ``HMAIT_MASKED_ATTENTION_BACKEND``).
     * 'torch': the portable PyTorch path, the reference of every kernel.
     * 'halo': tiles with a halo of keys, batched MatMuls in standard operators (what exports hold).
     * 'triton': the fused Triton kernels (CPU tensors only under ``TRITON_INTERPRET=1``).
@@ -541,7 +415,7 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw, mask
       project's extension (:mod:`hmait.ops.openvino_extension`).
     """
     h, w = _validate(q, k, v, hw, mask_size, mode, alpha, num_prefix_tokens)
-    chosen = _choose_backend(q, v.shape[-1], mode, backend)
+    chosen = choose_masked(q, v.shape[-1], mode, backend).backend
     return _run(chosen, q, k, v, h, w, mask_size, mode, alpha, num_prefix_tokens, scale)
 
 
@@ -589,7 +463,7 @@ def masked_attention_qkv(qkv: torch.Tensor, hw, mask_size: int = 3, mode: str = 
     """
     q, k, v = qkv_heads(check_packed_qkv(qkv))
     h, w = _validate(q, k, v, hw, mask_size, mode, alpha, num_prefix_tokens)
-    chosen = _choose_backend(q, v.shape[-1], mode, backend)
+    chosen = choose_masked(q, v.shape[-1], mode, backend).backend
     if chosen == 'cpu':
         from .cpu_kernel import masked_attention_qkv_cpu
         return masked_attention_qkv_cpu(qkv, (h, w), mask_size, mode, num_prefix_tokens, scale)
