@@ -1,7 +1,10 @@
 # Cascade Mask R-CNN with an H-MaiT-T backbone, 3x multi-scale-crop schedule on COCO.
 # Swin's cascade recipe (4conv1fc box heads with GIoU loss, DETR-style multi-scale crop, 36 epochs)
 # ships in mmdet as its ConvNeXt-T cascade config; it is inherited and the backbone swapped.
-_base_ = 'mmdet::convnext/cascade-mask-rcnn_convnext-t-p4-w7_fpn_4conv1fc-giou_amp-ms-crop-3x_coco.py'
+_base_ = [
+    'mmdet::convnext/cascade-mask-rcnn_convnext-t-p4-w7_fpn_4conv1fc-giou_amp-ms-crop-3x_coco.py',
+    './_base_/models/hmait_t_backbone.py'
+]
 
 # Replaces the base's mmpretrain import: H-MaiT needs only hmait.
 custom_imports = dict(imports=['hmait', 'hmait.mm.det'], allow_failed_imports=False)
@@ -10,15 +13,7 @@ pretrained = 'checkpoints/hmait_t_imagenet.pth'
 
 model = dict(
     backbone=dict(
-        _delete_=True,
-        type='HMaiT',
-        arch='tiny',  # Swin-T's shape with the paper's masked heads per stage (HMaiT's ARCH_SETTINGS)
-        # Global heads over keys and values pooled to the 224-px grid of each stage (14x14, 7x7): the
-        # paper's model at 224 px, a cost linear in the pixels beyond. global_attn='full' gives the
-        # paper's heads over the whole stage (quadratic; see docs/model_zoo.md).
-        global_attn='pooled',
-        drop_path_rate=0.2,
-        out_indices=(0, 1, 2, 3),
+        _base_.hmait_backbone,
         init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
     neck=dict(in_channels=[96, 192, 384, 768]))
 
@@ -33,8 +28,4 @@ optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=0.0001, betas=(0.9, 0.999), weight_decay=0.05),
     paramwise_cfg=dict(
-        custom_keys={
-            'absolute_pos_embed': dict(decay_mult=0.),
-            'soft_mask_logit': dict(decay_mult=0.),
-            'norm': dict(decay_mult=0.)
-        }))
+        custom_keys=_base_.hmait_decay_exceptions))

@@ -1,6 +1,6 @@
 # RetinaNet with an H-MaiT-T backbone, 1x schedule on COCO: mmdet's Swin-T RetinaNet recipe with
 # the backbone swapped, stages 1-3 feeding the FPN.
-_base_ = 'mmdet::swin/retinanet_swin-t-p4-w7_fpn_1x_coco.py'
+_base_ = ['mmdet::swin/retinanet_swin-t-p4-w7_fpn_1x_coco.py', './_base_/models/hmait_t_backbone.py']
 
 custom_imports = dict(imports=['hmait', 'hmait.mm.det'], allow_failed_imports=False)
 
@@ -8,14 +8,7 @@ pretrained = 'checkpoints/hmait_t_imagenet.pth'
 
 model = dict(
     backbone=dict(
-        _delete_=True,
-        type='HMaiT',
-        arch='tiny',  # Swin-T's shape with the paper's masked heads per stage (HMaiT's ARCH_SETTINGS)
-        # Global heads over keys and values pooled to the 224-px grid of each stage (14x14, 7x7): the
-        # paper's model at 224 px, a cost linear in the pixels beyond. global_attn='full' gives the
-        # paper's heads over the whole stage (quadratic; see docs/model_zoo.md).
-        global_attn='pooled',
-        drop_path_rate=0.2,
+        _base_.hmait_backbone,
         # Only the stages the FPN reads: an unused stage-0 norm would leave parameters without
         # gradients, which DDP rejects.
         out_indices=(1, 2, 3),
@@ -31,8 +24,4 @@ test_dataloader = val_dataloader
 optim_wrapper = dict(
     optimizer=dict(_delete_=True, type='AdamW', lr=0.0001, betas=(0.9, 0.999), weight_decay=0.05),
     paramwise_cfg=dict(
-        custom_keys={
-            'absolute_pos_embed': dict(decay_mult=0.),
-            'soft_mask_logit': dict(decay_mult=0.),
-            'norm': dict(decay_mult=0.)
-        }))
+        custom_keys=_base_.hmait_decay_exceptions))

@@ -1,7 +1,10 @@
 # UperNet with an H-MaiT-T backbone on ADE20K, 512x512 crops, 160k iterations at 8 GPUs x 2 images:
 # mmseg's Swin-T UperNet recipe (AdamW lr 6e-5, linear warm-up for 1500 iterations, then poly
 # decay; stochastic depth 0.3) with the backbone swapped.
-_base_ = 'mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py'
+_base_ = [
+    'mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py',
+    './_base_/models/hmait_t_backbone.py'
+]
 
 # `hmait.mm.seg` registers CheckedADE20KDataset, which rejects missing images/label maps and label
 # values outside the class range with an error naming the file.
@@ -12,15 +15,8 @@ pretrained = 'checkpoints/hmait_t_imagenet.pth'
 
 model = dict(
     backbone=dict(
-        _delete_=True,
-        type='HMaiT',
-        arch='tiny',  # Swin-T's shape with the paper's masked heads per stage (HMaiT's ARCH_SETTINGS)
-        # Global heads over keys and values pooled to the 224-px grid of each stage (14x14, 7x7): the
-        # paper's model at 224 px, a cost linear in the pixels beyond. global_attn='full' gives the
-        # paper's heads over the whole stage (quadratic; see docs/model_zoo.md).
-        global_attn='pooled',
+        _base_.hmait_backbone,
         drop_path_rate=0.3,
-        out_indices=(0, 1, 2, 3),
         init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
     decode_head=dict(in_channels=[96, 192, 384, 768], num_classes=150),
     auxiliary_head=dict(in_channels=384, num_classes=150))
@@ -34,8 +30,4 @@ test_dataloader = val_dataloader
 optim_wrapper = dict(
     paramwise_cfg=dict(
         _delete_=True,
-        custom_keys={
-            'absolute_pos_embed': dict(decay_mult=0.),
-            'soft_mask_logit': dict(decay_mult=0.),
-            'norm': dict(decay_mult=0.)
-        }))
+        custom_keys=_base_.hmait_decay_exceptions))
