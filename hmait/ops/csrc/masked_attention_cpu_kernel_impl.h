@@ -198,6 +198,15 @@ HMAIT_INLINE VecFloat bf16_to_float_vector(const uint16_t* p) {
   return bit_cast_to<VecFloat>(__builtin_convertvector(load_vector<VecBits16>(p), VecBits32) << 16);
 }
 
+// float_to_bf16 on whole vectors (round to nearest even, NaN kept quiet), stored as sixteen-bit lanes.
+HMAIT_INLINE void float_to_bf16_vector(uint16_t* p, const VecFloat& x) {
+  const VecBits32 bits = bit_cast_to<VecBits32>(x);
+  const VecBits32 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  const VecBits32 nan = (bits >> 16) | 0x40u;
+  const VecBits32 result = (bits & 0x7fffffffu) > 0x7f800000u ? nan : rounded;
+  store_vector(p, __builtin_convertvector(result, VecBits16));
+}
+
 HMAIT_INLINE VecFloat f16_to_float_vector(const uint16_t* p) {
   const VecBits32 shifted = __builtin_convertvector(load_vector<VecBits16>(p), VecBits32) << 16;
   const VecBits32 sign = shifted & 0x80000000u;
@@ -222,6 +231,7 @@ template <> struct Traits<float> {
   static inline float load(float x) { return x; }
   static HMAIT_INLINE vec load_lanes(const float* p) { return load_vector<VecFloat>(p); }
   static inline float store(float x) { return x; }
+  static HMAIT_INLINE void store_lanes(float* p, const vec& v) { store_vector(p, v); }
 };
 
 template <> struct Traits<double> {
@@ -231,6 +241,7 @@ template <> struct Traits<double> {
   static inline double load(double x) { return x; }
   static HMAIT_INLINE vec load_lanes(const double* p) { return load_vector<VecDouble>(p); }
   static inline double store(double x) { return x; }
+  static HMAIT_INLINE void store_lanes(double* p, const vec& v) { store_vector(p, v); }
 };
 
 template <> struct Traits<BFloat16Tag> {
@@ -240,6 +251,7 @@ template <> struct Traits<BFloat16Tag> {
   static inline float load(uint16_t x) { return bf16_to_float(x); }
   static HMAIT_INLINE vec load_lanes(const uint16_t* p) { return bf16_to_float_vector(p); }
   static inline uint16_t store(float x) { return float_to_bf16(x); }
+  static HMAIT_INLINE void store_lanes(uint16_t* p, const vec& v) { float_to_bf16_vector(p, v); }
 };
 
 template <> struct Traits<Float16Tag> {
@@ -249,6 +261,9 @@ template <> struct Traits<Float16Tag> {
   static inline float load(uint16_t x) { return f16_to_float(x); }
   static HMAIT_INLINE vec load_lanes(const uint16_t* p) { return f16_to_float_vector(p); }
   static inline uint16_t store(float x) { return float_to_f16(x); }
+  static HMAIT_INLINE void store_lanes(uint16_t* p, const vec& v) {
+    for (size_t l = 0; l < sizeof(vec) / sizeof(float); ++l) p[l] = float_to_f16(v[l]);
+  }
 };
 
 // A per-row buffer in the accumulation type: on the stack when the size is known at compile time.
@@ -526,8 +541,10 @@ struct MaskedKernel {
     for (int64_t c = 0; c < n; ++c) dst[c] = value;
   }
 
-  static inline void store(S* dst, const A* src, A factor, int64_t n) {
-    for (int64_t c = 0; c < n; ++c) dst[c] = Tr::store(src[c] * factor);
+  static HMAIT_INLINE void store(S* dst, const A* src, A factor, int64_t n) {
+    const int64_t full = n - n % lanes;
+    for (int64_t c = 0; c < full; c += lanes) Tr::store_lanes(dst + c, load_vector<V>(src + c) * factor);
+    for (int64_t t = full; t < n; ++t) dst[t] = Tr::store(src[t] * factor);
   }
 
   // ---- forward ----
@@ -585,8 +602,7 @@ struct MaskedKernel {
     const int64_t b = c.b, head = c.head, bh = b * heads + head, g = c.row * w + c.col;
     prefetch_box_ahead(b, c.row, c.col, head);
     V q[nv];
-    const S* query = at(a.q, b, g, head);
-    for (int64_t t = 0; t < nv; ++t) q[t] = Tr::load_lanes(query + t * lanes);
+    load_row(at(a.q, b, g, head), q);
     // Logits: per key a vector of partial products, then the lane sums of all nine at once.
     V part[kBox];
     box_dots(q, at(a.k, b, g, head), key_offsets, part);
@@ -612,8 +628,7 @@ struct MaskedKernel {
     denom += outside_weight * A(hw - kBox);
     V acc[nv];
     if (with_outside) {
-      const A* sum = value_sum() + bh * D;
-      for (int64_t t = 0; t < nv; ++t) acc[t] = outside_weight * load_vector<V>(sum + t * lanes);
+      load_accumulators(value_sum() + bh * D, outside_weight, acc);
     } else {
       for (int64_t t = 0; t < nv; ++t) acc[t] = V{};
     }
@@ -623,15 +638,70 @@ struct MaskedKernel {
     lse()[bh * N + g] = m + std::log(denom);
   }
 
+  // ---- rows of D channels in registers, on the fast path ----
+  // A row is kRowVectors vectors. bfloat16 rows (kPairs) hold their channels in pairs: a vector of
+  // 2 * lanes bfloat16 read at once holds, in each 32-bit lane, an even channel (low half) and the next
+  // odd one (high half), so two bit operations give both as float32 (x << 16 and x & 0xffff0000), where
+  // widening 16-bit lanes costs a load and two operations per half. Vectors 2t and 2t + 1 of such a
+  // row hold the even and the odd channels of channels [2t * lanes, (2t + 2) * lanes). Dot products
+  // (a sum over all lanes) do not see the order; loads and stores of rows translate it.
+  static constexpr bool kPairs = std::is_same<T, BFloat16Tag>::value && kHasFastPath && kRowVectors % 2 == 0;
+
+  static HMAIT_INLINE void split_pairs(const S* p, V& even, V& odd) {
+    const VecBits32 bits = load_vector<VecBits32>(p);
+    even = bit_cast_to<V>(bits << 16);
+    odd = bit_cast_to<V>(bits & 0xffff0000u);
+  }
+
+  // The row at p (storage type) into registers.
+  static HMAIT_INLINE void load_row(const S* p, V* x) {
+    constexpr int64_t nv = kRowVectors;
+    if constexpr (kPairs) {
+      for (int64_t t = 0; t < nv / 2; ++t) split_pairs(p + 2 * t * lanes, x[2 * t], x[2 * t + 1]);
+    } else {
+      for (int64_t t = 0; t < nv; ++t) x[t] = Tr::load_lanes(p + t * lanes);
+    }
+  }
+
+  template <size_t... I>
+  static HMAIT_INLINE V even_lanes(const V& low, const V& high, std::index_sequence<I...>) {
+    return __builtin_shufflevector(low, high, int(2 * I)...);
+  }
+  template <size_t... I>
+  static HMAIT_INLINE V odd_lanes(const V& low, const V& high, std::index_sequence<I...>) {
+    return __builtin_shufflevector(low, high, int(2 * I + 1)...);
+  }
+
+  // acc = factor * the D accumulation-type values at src (channels in order).
+  static HMAIT_INLINE void load_accumulators(const A* src, A factor, V* acc) {
+    constexpr int64_t nv = kRowVectors;
+    for (int64_t t = 0; t < nv; ++t) acc[t] = factor * load_vector<V>(src + t * lanes);
+    if constexpr (kPairs) {
+      constexpr auto indices = std::make_index_sequence<size_t(lanes)>{};
+      for (int64_t t = 0; t < nv / 2; ++t) {
+        const V low = acc[2 * t], high = acc[2 * t + 1];
+        acc[2 * t] = even_lanes(low, high, indices);
+        acc[2 * t + 1] = odd_lanes(low, high, indices);
+      }
+    }
+  }
+
   // dst = factor * the D accumulators in registers, in the storage type.
   static HMAIT_INLINE void store_row(S* dst, const V* acc, A factor) {
     constexpr int64_t nv = kRowVectors;
-    if constexpr (std::is_same<S, A>::value) {
-      for (int64_t t = 0; t < nv; ++t) store_vector(dst + t * lanes, acc[t] * factor);
+    if constexpr (kPairs) {
+      // float_to_bf16 of the even and the odd channels, rounded into the halves of each 32-bit lane.
+      for (int64_t t = 0; t < nv / 2; ++t) {
+        const VecBits32 e = bit_cast_to<VecBits32>(acc[2 * t] * factor);
+        const VecBits32 o = bit_cast_to<VecBits32>(acc[2 * t + 1] * factor);
+        const VecBits32 e_rounded = (e + 0x7fffu + ((e >> 16) & 1u)) >> 16;
+        const VecBits32 o_rounded = (o + 0x7fffu + ((o >> 16) & 1u)) & 0xffff0000u;
+        const VecBits32 low = (e & 0x7fffffffu) > 0x7f800000u ? ((e >> 16) | 0x40u) : e_rounded;
+        const VecBits32 high = (o & 0x7fffffffu) > 0x7f800000u ? ((o & 0xffff0000u) | 0x400000u) : o_rounded;
+        store_vector(dst + 2 * t * lanes, high | low);
+      }
     } else {
-      alignas(64) A row[nv * lanes];
-      for (int64_t t = 0; t < nv; ++t) store_vector(row + t * lanes, acc[t]);
-      store(dst, row, factor, D);
+      for (int64_t t = 0; t < nv; ++t) Tr::store_lanes(dst + t * lanes, acc[t] * factor);
     }
   }
 
@@ -641,8 +711,19 @@ struct MaskedKernel {
     constexpr int64_t nv = kRowVectors;
     for (int64_t j = 0; j < kBox; ++j) {
       const S* y = base + offsets[j];
-      V sum = x[0] * Tr::load_lanes(y);
-      for (int64_t t = 1; t < nv; ++t) sum += x[t] * Tr::load_lanes(y + t * lanes);
+      V sum;
+      if constexpr (kPairs) {
+        V even, odd;
+        split_pairs(y, even, odd);
+        sum = x[0] * even + x[1] * odd;
+        for (int64_t t = 1; t < nv / 2; ++t) {
+          split_pairs(y + 2 * t * lanes, even, odd);
+          sum += x[2 * t] * even + x[2 * t + 1] * odd;
+        }
+      } else {
+        sum = x[0] * Tr::load_lanes(y);
+        for (int64_t t = 1; t < nv; ++t) sum += x[t] * Tr::load_lanes(y + t * lanes);
+      }
       part[j] = sum;
     }
     LaneSums<V, int(lanes), int(kBox)>::run(part);
@@ -654,7 +735,16 @@ struct MaskedKernel {
     for (int64_t j = 0; j < kBox; ++j) {
       const V factor = V{} + weight[j];
       const S* y = base + offsets[j];
-      for (int64_t t = 0; t < nv; ++t) acc[t] += factor * Tr::load_lanes(y + t * lanes);
+      if constexpr (kPairs) {
+        for (int64_t t = 0; t < nv / 2; ++t) {
+          V even, odd;
+          split_pairs(y + 2 * t * lanes, even, odd);
+          acc[2 * t] += factor * even;
+          acc[2 * t + 1] += factor * odd;
+        }
+      } else {
+        for (int64_t t = 0; t < nv; ++t) acc[t] += factor * Tr::load_lanes(y + t * lanes);
+      }
     }
   }
 
@@ -683,7 +773,8 @@ struct MaskedKernel {
     V x[nv], y[nv], acc[nv], part[kBox], part2[kBox];
 
     // grad_q of query g: scale * sum_j p_gj (grad_out_g . v_j - delta_g) k_j.
-    for (int64_t t = 0; t < nv; ++t) x[t] = Tr::load_lanes(query + t * lanes), y[t] = Tr::load_lanes(go + t * lanes);
+    load_row(query, x);
+    load_row(go, y);
     box_dots(x, key, k_offsets, part);
     box_dots(y, value, v_offsets, part2);
     const A lse_g = lse_bh[g], delta_g = delta_bh[g];
@@ -700,7 +791,8 @@ struct MaskedKernel {
       row_delta[j] = delta_bh[i];
       if (hard) row_outside[j] = outside_prob()[bh * N + i];
     }
-    for (int64_t t = 0; t < nv; ++t) x[t] = Tr::load_lanes(key + t * lanes), y[t] = Tr::load_lanes(value + t * lanes);
+    load_row(key, x);
+    load_row(value, y);
     box_dots(x, query, q_offsets, part);
     box_dots(y, go, go_offsets, part2);
     for (int64_t i = 0; i < kBoxVectors; ++i) {
@@ -713,8 +805,7 @@ struct MaskedKernel {
     box_axpy(acc, ds, query, q_offsets);
     store_row(at_mut(a.grad_k, b, g, head), acc, scale);
     if (hard) {
-      const A* shared = value_sum() + bh * D;
-      for (int64_t t = 0; t < nv; ++t) acc[t] = load_vector<V>(shared + t * lanes);
+      load_accumulators(value_sum() + bh * D, A(1), acc);
     } else {
       for (int64_t t = 0; t < nv; ++t) acc[t] = V{};
     }
