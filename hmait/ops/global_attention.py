@@ -57,15 +57,17 @@ def global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     # Autocast off: the dtypes below are chosen, not cast. Half-precision inputs get float32 logits
     # (bf16 rounds a logit near 1e3 to a multiple of 4) and a float32 softmax; the probabilities go
     # back to the input dtype for the matmul with v, as in flash attention. Scaling q (N x d) is
-    # cheaper than scaling the N x N logits.
+    # cheaper than scaling the N x N logits. q and k are usually strided views of a packed projection:
+    # they are copied once, contiguous, in the logits' dtype (a cast that kept their strides would make
+    # the matmul copy them again).
     device = q.device.type
     no_autocast = (torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device)
                    else contextlib.nullcontext())
     with no_autocast:
-        if q.dtype in (torch.float16, torch.bfloat16):
-            logits = (q.float() * scale) @ k.float().transpose(-2, -1)
-        else:
-            logits = (q * scale) @ k.transpose(-2, -1)
+        dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        q = q.to(dtype, memory_format=torch.contiguous_format, copy=True).mul_(scale)
+        k = k.to(dtype, memory_format=torch.contiguous_format, copy=True)
+        logits = q @ k.transpose(-2, -1)
         if bias is not None:
             logits = logits + bias.to(logits.dtype)
         attn = logits.softmax(dim=-1).to(v.dtype)
