@@ -64,16 +64,50 @@ def global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     no_autocast = (torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device)
                    else contextlib.nullcontext())
     with no_autocast:
-        dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-        q = q.to(dtype, memory_format=torch.contiguous_format, copy=True).mul_(scale)
-        k = k.to(dtype, memory_format=torch.contiguous_format, copy=True)
-        logits = q @ k.transpose(-2, -1)
-        if bias is not None:
-            logits = logits + bias.to(logits.dtype)
-        attn = logits.softmax(dim=-1).to(v.dtype)
+        half = q.dtype in (torch.float16, torch.bfloat16)
+        if half and dropout_p == 0. and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            return _HalfPrecisionAttention.apply(q, k, v, scale, bias)
+        attn = _probabilities(q, k, scale, bias, torch.float32 if half else q.dtype).to(v.dtype)
         if dropout_p > 0.:
             attn = F.dropout(attn, dropout_p)
         return attn @ v
+
+
+def _probabilities(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """``softmax(scale * q k^T + bias)`` computed in ``dtype``."""
+    q = q.to(dtype, memory_format=torch.contiguous_format, copy=True).mul_(scale)
+    k = k.to(dtype, memory_format=torch.contiguous_format, copy=True)
+    logits = q @ k.transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    return logits.softmax(dim=-1)
+
+
+class _HalfPrecisionAttention(torch.autograd.Function):
+    """The matmul path for float16 / bfloat16 inputs when gradients are taken: the forward of
+    :func:`global_attention` (float32 logits and softmax), and a backward in the input dtype, as autocast
+    runs every other backward GEMM. Only the half-precision probabilities are kept; the softmax's backward
+    reads them in one fused pass (float32 accumulation), where autograd through the float32 forward would
+    cast the probabilities' gradient to float32, run float32 GEMMs and keep the float32 probabilities too."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, bias):
+        attn = _probabilities(q, k, scale, bias, torch.float32).to(v.dtype)
+        ctx.save_for_backward(q, k, v, attn)
+        ctx.scale = scale
+        return attn @ v
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, attn = ctx.saved_tensors
+        grad_out = grad_out.to(v.dtype)
+        grad_v = attn.transpose(-2, -1) @ grad_out if ctx.needs_input_grad[2] else None
+        grad_logits = torch.ops.aten._softmax_backward_data(grad_out @ v.transpose(-2, -1), attn, -1, attn.dtype)
+        grad_q = (grad_logits @ k).mul_(ctx.scale) if ctx.needs_input_grad[0] else None
+        grad_k = (grad_logits.transpose(-2, -1) @ q).mul_(ctx.scale) if ctx.needs_input_grad[1] else None
+        return grad_q, grad_k, grad_v, None, None
 
 
 # How far the global heads of an H-MaiT stage reach (the global_attn option of HMaiT):
