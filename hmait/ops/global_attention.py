@@ -80,8 +80,12 @@ def _probabilities(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.T
     k = k.to(dtype, memory_format=torch.contiguous_format, copy=True)
     logits = q @ k.transpose(-2, -1)
     if bias is not None:
-        logits = logits + bias.to(dtype)
-    return logits.softmax(dim=-1)
+        logits += bias.to(dtype)
+    if logits.requires_grad:
+        return logits.softmax(dim=-1)
+    # Without autograd the softmax overwrites the logits: its CPU kernel reads each row before writing
+    # it, and no fresh (B, heads, N, N) buffer is paged in (about as long as the softmax itself).
+    return torch.ops.aten._softmax.out(logits, -1, False, out=logits)
 
 
 class _HalfPrecisionAttention(torch.autograd.Function):
