@@ -64,10 +64,10 @@ def global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     no_autocast = (torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device)
                    else contextlib.nullcontext())
     with no_autocast:
-        half = q.dtype in (torch.float16, torch.bfloat16)
-        if half and dropout_p == 0. and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            return _HalfPrecisionAttention.apply(q, k, v, scale, bias)
-        attn = _probabilities(q, k, scale, bias, torch.float32 if half else q.dtype).to(v.dtype)
+        dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        if dropout_p == 0. and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            return _MatmulAttention.apply(q, k, v, scale, bias, dtype)
+        attn = _probabilities(q, k, scale, bias, dtype).to(v.dtype)
         if dropout_p > 0.:
             attn = F.dropout(attn, dropout_p)
         return attn @ v
@@ -88,16 +88,17 @@ def _probabilities(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.T
     return torch.ops.aten._softmax.out(logits, -1, False, out=logits)
 
 
-class _HalfPrecisionAttention(torch.autograd.Function):
-    """The matmul path for float16 / bfloat16 inputs when gradients are taken: the forward of
-    :func:`global_attention` (float32 logits and softmax), and a backward in the input dtype, as autocast
-    runs every other backward GEMM. Only the half-precision probabilities are kept; the softmax's backward
-    reads them in one fused pass (float32 accumulation), where autograd through the float32 forward would
-    cast the probabilities' gradient to float32, run float32 GEMMs and keep the float32 probabilities too."""
+class _MatmulAttention(torch.autograd.Function):
+    """The matmul path when gradients are taken: the forward of :func:`global_attention` (logits and
+    softmax in ``dtype``, float32 for half-precision inputs), and a backward in the input dtype, as
+    autocast runs every other backward GEMM. Only the probabilities in the input dtype are kept, and the
+    softmax's backward reads them in one fused pass (float32 accumulation), where autograd through the
+    forward would also keep the float32 probabilities and, for half-precision inputs, cast their gradient
+    to float32 and run float32 GEMMs."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, bias):
-        attn = _probabilities(q, k, scale, bias, torch.float32).to(v.dtype)
+    def forward(ctx, q, k, v, scale, bias, dtype):
+        attn = _probabilities(q, k, scale, bias, dtype).to(v.dtype)
         ctx.save_for_backward(q, k, v, attn)
         ctx.scale = scale
         return attn @ v
@@ -111,7 +112,7 @@ class _HalfPrecisionAttention(torch.autograd.Function):
         grad_logits = torch.ops.aten._softmax_backward_data(grad_out @ v.transpose(-2, -1), attn, -1, attn.dtype)
         grad_q = (grad_logits @ k).mul_(ctx.scale) if ctx.needs_input_grad[0] else None
         grad_k = (grad_logits.transpose(-2, -1) @ q).mul_(ctx.scale) if ctx.needs_input_grad[1] else None
-        return grad_q, grad_k, grad_v, None, None
+        return grad_q, grad_k, grad_v, None, None, None
 
 
 # How far the global heads of an H-MaiT stage reach (the global_attn option of HMaiT):
