@@ -81,7 +81,7 @@ def _probabilities(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.T
     logits = q @ k.transpose(-2, -1)
     if bias is not None:
         logits += bias.to(dtype)
-    if logits.requires_grad:
+    if logits.requires_grad or logits.device.type != 'cpu':
         return logits.softmax(dim=-1)
     # Without autograd the softmax overwrites the logits: its CPU kernel reads each row before writing
     # it, and no fresh (B, heads, N, N) buffer is paged in (about as long as the softmax itself).
