@@ -59,6 +59,8 @@ def test_the_request_comes_from_the_call_then_python_then_the_environment(monkey
     assert choose_global(q).backend == 'sdpa'  # the other kind keeps its own setting
     # ... and the call's argument (an attention module's setting) overrides both.
     assert choose_masked(q, 4, 'hard', 'torch') == ('torch', "the call's backend argument (or its module's)")
+    set_backend('masked', 'auto')  # 'auto' from Python overrides the environment too
+    assert choose_masked(q, 4, 'hard').backend == 'cpu'
     set_backend('masked', None)
     assert choose_masked(q, 4, 'hard').backend == 'torch'  # back to the environment
     monkeypatch.setenv('HMAIT_MASKED_ATTENTION_BACKEND', 'auto')

@@ -99,7 +99,8 @@ def check_backend(kind: str, name, argument: str = 'backend') -> str:
 
 
 def set_backend(kind: str, name: str | None) -> None:
-    """Set the backend of ``kind`` ('masked' or 'global') for calls that ask for ``'auto'``; ``None`` undoes it."""
+    """Set the backend of ``kind`` ('masked' or 'global') for calls that ask for ``'auto'``, over the
+    environment variable (``'auto'`` included); ``None`` undoes it."""
     if name is not None:
         check_backend(kind, name, f'the {kind} heads\' backend')
     _settings[kind] = name
@@ -124,8 +125,8 @@ def requested_backend(kind: str, backend: str = 'auto') -> tuple[str, str]:
     if backend != 'auto':
         return backend, "the call's backend argument (or its module's)"
     setting = _settings[kind]
-    if setting is not None and setting != 'auto':
-        return setting, f'set with hmait.ops.backends.set_backend({kind!r}, ...)'
+    if setting is not None:  # 'auto' set from Python overrides the environment too
+        return setting, f'set with hmait.ops.backends.set_backend({kind!r}, ...)' if setting != 'auto' else ''
     variable = ENVIRONMENT[kind]
     value = os.environ.get(variable)
     if value:
