@@ -1,8 +1,8 @@
 # The quick-start: a reduced H-MaiT-T (the real model class, fewer and narrower blocks) trained on
 # the synthetic 10-class set from `tools/generate_demo_data.py imagenet data/demo_imagenet
 # --train-per-class 200`, with the ImageNet recipe's pieces, on 2 CPU cores in about 2.5 minutes
-# (24 epochs of 2000 images, 1488 iterations; 78.0 % and 70.5 % validation accuracy for seeds 0 and 1
-# on a 2-core AMD EPYC, against 10 % chance; 12 epochs gave 61.5-70.5 % over seeds 0-4).
+# (24 epochs of 2000 images, 1488 iterations; 70.5-78.0 % validation accuracy over seeds 0-4 on a
+# 2-core AMD EPYC, against 10 % chance; 12 epochs gave 61.5-70.5 %; see docs/training.md).
 #
 # Why this recipe: a transformer trained from scratch on these images first sits at chance level
 # until it has seen some thousands of images (the shapes have random colours, so it must learn
