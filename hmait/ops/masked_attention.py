@@ -20,10 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+# Re-exported from hmait.ops.backends: where the masked heads' backends and export forms are now chosen.
 from .backends import EXPORT_FORMS, MASKED_BACKENDS, choose_masked, export_form, export_masked_heads  # noqa: F401
 from .checks import check_grid, check_int, check_mask_size, check_mode, check_packed_qkv, exporting
-
-BACKENDS = MASKED_BACKENDS
 
 # Soft mode works on query chunks so that no (N, N) tensor is ever alive; this bounds the
 # number of float32 logits per chunk (about 64 MiB).
