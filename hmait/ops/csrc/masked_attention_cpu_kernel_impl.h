@@ -198,13 +198,18 @@ HMAIT_INLINE VecFloat bf16_to_float_vector(const uint16_t* p) {
   return bit_cast_to<VecFloat>(__builtin_convertvector(load_vector<VecBits16>(p), VecBits32) << 16);
 }
 
-// float_to_bf16 on whole vectors (round to nearest even, NaN kept quiet), stored as sixteen-bit lanes.
-HMAIT_INLINE void float_to_bf16_vector(uint16_t* p, const VecFloat& x) {
+// float_to_bf16 on whole vectors (round to nearest even, NaN kept quiet): the bfloat16 bits in the low
+// half of each 32-bit lane.
+HMAIT_INLINE VecBits32 float_to_bf16_lanes(const VecFloat& x) {
   const VecBits32 bits = bit_cast_to<VecBits32>(x);
   const VecBits32 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
   const VecBits32 nan = (bits >> 16) | 0x40u;
-  const VecBits32 result = (bits & 0x7fffffffu) > 0x7f800000u ? nan : rounded;
-  store_vector(p, __builtin_convertvector(result, VecBits16));
+  return (bits & 0x7fffffffu) > 0x7f800000u ? nan : rounded;
+}
+
+// ... stored as sixteen-bit lanes.
+HMAIT_INLINE void float_to_bf16_vector(uint16_t* p, const VecFloat& x) {
+  store_vector(p, __builtin_convertvector(float_to_bf16_lanes(x), VecBits16));
 }
 
 HMAIT_INLINE VecFloat f16_to_float_vector(const uint16_t* p) {
@@ -692,12 +697,8 @@ struct MaskedKernel {
     if constexpr (kPairs) {
       // float_to_bf16 of the even and the odd channels, rounded into the halves of each 32-bit lane.
       for (int64_t t = 0; t < nv / 2; ++t) {
-        const VecBits32 e = bit_cast_to<VecBits32>(acc[2 * t] * factor);
-        const VecBits32 o = bit_cast_to<VecBits32>(acc[2 * t + 1] * factor);
-        const VecBits32 e_rounded = (e + 0x7fffu + ((e >> 16) & 1u)) >> 16;
-        const VecBits32 o_rounded = (o + 0x7fffu + ((o >> 16) & 1u)) & 0xffff0000u;
-        const VecBits32 low = (e & 0x7fffffffu) > 0x7f800000u ? ((e >> 16) | 0x40u) : e_rounded;
-        const VecBits32 high = (o & 0x7fffffffu) > 0x7f800000u ? ((o & 0xffff0000u) | 0x400000u) : o_rounded;
+        const VecBits32 low = float_to_bf16_lanes(acc[2 * t] * factor);
+        const VecBits32 high = float_to_bf16_lanes(acc[2 * t + 1] * factor) << 16;
         store_vector(dst + 2 * t * lanes, high | low);
       }
     } else {
