@@ -32,6 +32,10 @@ from .ops.masked_attention import EXPORT_FORMS, HALO_TILE, export_masked_heads
 _MIN_DYNAMIC_BATCH = 2
 _MIN_DYNAMIC_SIDE = 2 * HALO_TILE * 32
 _MAX_SIDE = 16384
+# A dynamic AOTInductor package takes heights and widths that are multiples of this (as mmdet and
+# mmseg pad their inputs to): the model's padding of other sizes would leave symbolic expressions so
+# nested that compiling them takes hours.
+AOTI_SIDE_MULTIPLE = 32
 # The forms of the masked heads an ONNX file can hold ('kernel' is torch.export's, for AOTInductor).
 ONNX_FORMS = tuple(form for form in EXPORT_FORMS if form != 'kernel')
 
@@ -104,17 +108,12 @@ def export_onnx(model: nn.Module, path: str, image: torch.Tensor, dynamic: bool 
     if image.dim() != 4:
         raise ValueError(f'image must have shape (B, C, H, W), got {tuple(image.shape)}')
     if dynamic:
-        # Only the shapes are traced, so a larger random example stands in for a small one.
-        b, c, h, w = image.shape
-        image = torch.randn(max(b, _MIN_DYNAMIC_BATCH), c, max(h, _MIN_DYNAMIC_SIDE), max(w, _MIN_DYNAMIC_SIDE),
-                            dtype=image.dtype)
+        image = _dynamic_example(image)
     with torch.no_grad():
         names = output_names(model(image))
     kwargs = {}
     if dynamic:
-        dim = torch.export.Dim
-        kwargs['dynamic_shapes'] = ({0: dim('batch', min=1, max=4096), 2: dim('height', min=1, max=_MAX_SIDE),
-                                     3: dim('width', min=1, max=_MAX_SIDE)},)
+        kwargs['dynamic_shapes'] = _dynamic_shapes()
     if opset is not None:
         kwargs['opset_version'] = opset
     with torch.no_grad(), export_masked_heads(masked_heads):
@@ -123,20 +122,68 @@ def export_onnx(model: nn.Module, path: str, image: torch.Tensor, dynamic: bool 
     return names
 
 
-def export_aoti(model: nn.Module, path: str, image: torch.Tensor) -> str:
-    """An AOTInductor package of ``model`` at ``image``'s shape, its masked heads as the C++ kernel's op.
+def _dynamic_example(image: torch.Tensor, side_multiple: int = 1) -> torch.Tensor:
+    """A random stand-in for ``image`` that a dynamic export traces: only shapes are traced, and
+    torch.export would fix sizes of 1 (a batch, or a stage's count of halo tiles) to constants."""
+    b, c, h, w = image.shape
+
+    def side(n: int) -> int:
+        n = max(n, _MIN_DYNAMIC_SIDE)
+        return -(-n // side_multiple) * side_multiple
+    return torch.randn(max(b, _MIN_DYNAMIC_BATCH), c, side(h), side(w), dtype=image.dtype)
+
+
+def _dynamic_shapes(side_multiple: int = 1) -> tuple[dict, ...]:
+    """torch.export's symbolic batch, height and width of the one input; the sides are multiples of
+    ``side_multiple``."""
+    dim = torch.export.Dim
+    sides = [dim(name, min=1, max=_MAX_SIDE // side_multiple) for name in ('height', 'width')]
+    if side_multiple > 1:
+        sides = [side_multiple * side for side in sides]
+    return ({0: dim('batch', min=1, max=4096), 2: sides[0], 3: sides[1]},)
+
+
+def export_aoti(model: nn.Module, path: str, image: torch.Tensor, dynamic: bool = False) -> str:
+    """An AOTInductor package of ``model``, its masked heads as the C++ kernel's op.
 
     ``torch.export`` keeps ``hmait::masked_attention_cpu_qkv_fwd`` in the graph (export form
     'kernel'), and ``torch._inductor.aoti_compile_and_package`` compiles the rest into ``path``
     (``.pt2``); the package calls the op through torch's dispatcher, so the kernel's library must be
     loaded before the package runs (:class:`AOTISession` does). The package is tied to this torch
-    version and CPU architecture, and to ``image``'s shape: the kernel op takes a static grid.
+    version and CPU architecture, and to ``image``'s shape unless ``dynamic``: then the batch stays
+    symbolic, and so do height and width, as multiples of :data:`AOTI_SIDE_MULTIPLE` (the op receives
+    the grid as symbolic sizes); the trace runs on a stand-in, as :func:`export_onnx`'s does.
     """
     if image.dim() != 4:
         raise ValueError(f'image must have shape (B, C, H, W), got {tuple(image.shape)}')
+    kwargs = {}
+    accepted = {'hmait.input': 'x'.join(map(str, image.shape))}
+    if dynamic:
+        image = _dynamic_example(image, AOTI_SIDE_MULTIPLE)
+        kwargs['dynamic_shapes'] = _dynamic_shapes(AOTI_SIDE_MULTIPLE)
+        accepted = {'hmait.input': f'?x{image.shape[1]}x?x?', 'hmait.side_multiple': str(AOTI_SIDE_MULTIPLE)}
     with torch.no_grad(), export_masked_heads('kernel'):
-        program = torch.export.export(model.eval(), (image,))
-    return torch._inductor.aoti_compile_and_package(program, package_path=path)
+        program = torch.export.export(model.eval(), (image,), **kwargs)
+    # The package records the inputs it accepts, which the runners check: AOTInductor checks its
+    # inputs only when AOTI_RUNTIME_CHECK_INPUTS is set, and computes garbage from others. Its own
+    # check then also lets a batch of 1 through.
+    configs = {'aot_inductor.metadata': accepted, 'aot_inductor.check_lowerbound': False}
+    return torch._inductor.aoti_compile_and_package(program, package_path=path, inductor_configs=configs)
+
+
+def check_aoti_input(metadata: dict, shape: Sequence[int]) -> None:
+    """ValueError unless ``shape`` is an input the package with ``metadata`` accepts
+    (:func:`export_aoti` records it; a package without the record is not checked)."""
+    spec = metadata.get('hmait.input')
+    if spec is None:
+        return
+    expected, multiple = spec.split('x'), int(metadata.get('hmait.side_multiple', 1))
+    fits = len(shape) == len(expected) and all(e == '?' or int(e) == n for e, n in zip(expected, shape))
+    if fits and all(n % multiple == 0 for n in tuple(shape)[2:]):
+        return
+    sides = f', H and W multiples of {multiple}' if multiple > 1 else ''
+    raise ValueError(f'the package takes input of shape {spec.replace("?", "B", 1).replace("?x?", "HxW")}{sides}; '
+                     f'got {"x".join(map(str, shape))}')
 
 
 class AOTISession:
@@ -151,12 +198,16 @@ class AOTISession:
         if not available:
             raise RuntimeError(f'the package calls the hmait CPU kernel, which is unavailable: {reason}')
         self.runner = torch._inductor.aoti_load_package(path)
+        self.metadata = self.runner.get_metadata()
 
     def get_inputs(self) -> list[SimpleNamespace]:
         return [SimpleNamespace(name='image')]
 
     def run(self, output_names, feed: dict) -> list:
-        """Every output (``output_names`` must be None, as this module passes it) for one input feed."""
+        """Every output (``output_names`` must be None, as this module passes it) for one input feed;
+        ValueError for an input the package does not take."""
+        for x in feed.values():
+            check_aoti_input(self.metadata, x.shape)
         with torch.inference_mode():
             outputs = self.runner(*(torch.from_numpy(x) for x in feed.values()))
         outputs = [outputs] if isinstance(outputs, torch.Tensor) else outputs

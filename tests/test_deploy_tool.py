@@ -77,19 +77,23 @@ def test_export_tool_reports_top1_on_an_imagenet_folder(tmp_path):
     assert accuracy['PyTorch'] == accuracy['ONNX Runtime fp32']
 
 
-def test_aoti_tool_compiles_a_package_and_checks_it(tmp_path):
+def test_aoti_tool_compiles_a_dynamic_package_and_checks_it_at_each_size(tmp_path):
     out = tmp_path / 'demo.pt2'
     proc = run_tool([python(), tool('deploy/export_aoti.py'), DEMO_CONFIG, '--out', str(out), '--shape', '64', '64',
-                     '--batch', '2'], timeout=600)
+                     '--batch', '2', '--dynamic', '--check-shapes', '96x128'], timeout=600)
     assert out.is_file()
+    assert 'dynamic batch, height and width' in proc.stdout
     rows = [[cell.strip() for cell in line.split('|')[1:-1]] for line in proc.stdout.splitlines()
-            if line.startswith('| 2x3x64x64 |')]
-    assert len(rows) == 1 and float(rows[0][1]) < 1e-3
+            if line.startswith('| 2x3x')]
+    assert [row[0] for row in rows] == ['2x3x64x64', '2x3x96x128']
+    assert all(float(row[1]) < 1e-3 for row in rows)
 
 
 @pytest.mark.parametrize('args,message', [
     (['hmait_tiny', '--out', 'x.onnx'], "--out must name a .pt2 file (an AOTInductor package), got 'x.onnx'"),
     (['no_such_model', '--out', 'x.pt2'], "'no_such_model' is neither a config file (.py) nor a timm model"),
+    (['hmait_tiny', '--out', 'x.pt2', '--dynamic', '--check-shapes', '256x250'],
+     'a --dynamic package takes heights and widths that are multiples of 32; --shape and --check-shapes hold 256x250'),
 ])
 def test_aoti_tool_names_bad_input(tmp_path, args, message):
     proc = run_tool([python(), tool('deploy/export_aoti.py'), *args], cwd=tmp_path, check=False)

@@ -153,7 +153,7 @@ def test_dynamic_backbone_export_runs_at_detection_sizes(tmp_path):
 def test_aoti_package_keeps_the_kernel_and_matches_pytorch(tmp_path):
     """torch.export with the export form 'kernel' keeps one C++ kernel op per layer with masked heads, and
     the AOTInductor package compiled from it gives eager PyTorch's maps, loaded from Python and from the
-    C++ runner (tools/deploy/aoti_runner, built here against the torch wheel); a dynamic grid is refused."""
+    C++ runner (tools/deploy/aoti_runner, built here against the torch wheel); both refuse another shape."""
     from hmait.deploy import AOTISession, export_aoti
     from hmait.ops.masked_attention import export_masked_heads
     torch.manual_seed(0)
@@ -164,19 +164,26 @@ def test_aoti_package_keeps_the_kernel_and_matches_pytorch(tmp_path):
     kernel_ops = [n for n in program.graph.nodes if 'hmait.masked_attention_cpu_qkv_fwd' in str(n.target)]
     assert len(kernel_ops) == sum(1 for m in SMALL['masked_heads'] if m)
     path = export_aoti(model, str(tmp_path / 'backbone.pt2'), image)
-    got = AOTISession(path).run(None, {'image': image.numpy()})
+    session = AOTISession(path)
+    got = session.run(None, {'image': image.numpy()})
     with torch.no_grad():
         expected = model(image)
     assert _max_diff(got, expected) < 1e-4
+    with pytest.raises(ValueError, match='the package takes input of shape 2x3x64x96; got 1x3x64x96'):
+        session.run(None, {'image': image[:1].numpy()})
 
     from hmait.ops import cpu_kernel
     runner = tmp_path / 'aoti_runner'
     subprocess.run(['bash', str(REPO / 'tools' / 'deploy' / 'aoti_runner' / 'build.sh'), str(runner)], check=True,
                    capture_output=True, env={**os.environ, 'PYTHON': sys.executable}, timeout=600)
-    image.numpy().tofile(tmp_path / 'image.bin')
-    command = [str(runner), str(cpu_kernel.library_path()), path, str(tmp_path / 'image.bin'), str(tmp_path / 'out'),
-               *map(str, image.shape)]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    def run_cpp(package, x):
+        x.numpy().tofile(tmp_path / 'image.bin')
+        command = [str(runner), str(cpu_kernel.library_path()), package, str(tmp_path / 'image.bin'),
+                   str(tmp_path / 'out'), *map(str, x.shape)]
+        return command, subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    command, proc = run_cpp(path, image)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines() == [f'output {i} {list(e.shape)}' for i, e in enumerate(expected)]
     from_cpp = [np.fromfile(tmp_path / f'out{i}.bin', dtype=np.float32).reshape(e.shape)
@@ -185,9 +192,27 @@ def test_aoti_package_keeps_the_kernel_and_matches_pytorch(tmp_path):
     # A wrong input size is named, not read past.
     bad = subprocess.run(command[:-1] + ['65'], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and 'must hold exactly 24960 float32 values' in bad.stderr
+    # A shape the package was not compiled for is refused, not computed into garbage.
+    _, other = run_cpp(path, torch.randn(2, 3, 64, 64))
+    assert other.returncode == 2 and 'is not a shape the package takes: 2x3x64x96' in other.stderr
 
-    with pytest.raises(ValueError, match='the CPU kernel op takes a static grid'):
-        with torch.no_grad(), export_masked_heads('kernel'):
-            torch.export.export(model, (image,), dynamic_shapes=({3: torch.export.Dim('w', min=32, max=1024)},))
+    # --dynamic: one package for every batch and every height and width that are multiples of 32,
+    # the kernel op receiving the grid as symbolic sizes.
+    dynamic = export_aoti(model, str(tmp_path / 'dynamic.pt2'), image, dynamic=True)
+    session = AOTISession(dynamic)
+    for shape in [(1, 3, 32, 64), (3, 3, 96, 160), (2, 3, 224, 224)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            expected = model(x)
+        assert _max_diff(session.run(None, {'image': x.numpy()}), expected) < 1e-4, shape
+    _, proc = run_cpp(dynamic, x)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _max_diff([np.fromfile(tmp_path / f'out{i}.bin', dtype=np.float32).reshape(e.shape)
+                      for i, e in enumerate(expected)], expected) < 1e-4
+    with pytest.raises(ValueError, match='the package takes input of shape Bx3xHxW, H and W multiples of 32; '
+                                         'got 1x3x70x64'):
+        session.run(None, {'image': np.zeros((1, 3, 70, 64), np.float32)})
+    _, other = run_cpp(dynamic, torch.randn(1, 3, 64, 100))
+    assert other.returncode == 2 and 'H and W multiples of 32' in other.stderr
     with pytest.raises(ValueError, match="masked_heads must be one of \\('halo', 'openvino', 'openvino-bf16'\\)"):
         export_onnx(model, str(tmp_path / 'x.onnx'), image, masked_heads='kernel')

@@ -51,8 +51,8 @@ ENVIRONMENT = {'masked': 'HMAIT_MASKED_ATTENTION_BACKEND', 'global': 'HMAIT_GLOB
 # them, so under its bf16 inference precision a float32 node costs two conversions per layer, while
 # under f32 precision a bf16 node rounds its inputs. 'kernel' is for torch.export only: the C++ kernel's op
 # hmait::masked_attention_cpu_qkv_fwd stays in the graph, which an AOTInductor package then calls through
-# the dispatcher (its library loaded first); the op takes a static grid. Set with export_masked_heads();
-# read when traced.
+# the dispatcher (its library loaded first); in a dynamic export the op takes the grid as symbolic sizes.
+# Set with export_masked_heads(); read when traced.
 EXPORT_FORMS = ('halo', 'openvino', 'openvino-bf16', 'kernel')
 _EXPORT_FORM = contextvars.ContextVar('hmait_export_masked_heads', default='halo')
 

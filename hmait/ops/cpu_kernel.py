@@ -268,11 +268,7 @@ def _check_call(q: torch.Tensor, hw, mask_size: int, mode: str, num_prefix_token
         raise ValueError(f'the CPU kernel implements mode {_MODES}, got {mode!r}')
     check_mask_size(mask_size)
     check_int('num_prefix_tokens', num_prefix_tokens, minimum=0)
-    h, w = check_grid(hw)
-    if isinstance(h, torch.SymInt) or isinstance(w, torch.SymInt):
-        raise ValueError(f'the CPU kernel op takes a static grid, got the symbolic grid {(h, w)}: export the '
-                         'masked heads with the kernel at fixed input sizes (no dynamic height and width)')
-    return h, w
+    return check_grid(hw)
 
 
 def masked_attention_bnhd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw, mask_size: int = 3,

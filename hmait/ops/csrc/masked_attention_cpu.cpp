@@ -246,16 +246,16 @@ Tensor masked_attention_cpu_qkv_bwd(const Tensor& grad_out, const Tensor& qkv, c
 
 // A fragment, not a definition: other parts of hmait register ops in the same namespace from Python.
 TORCH_LIBRARY_FRAGMENT(hmait, m) {
-  m.def("masked_attention_cpu_fwd(Tensor q, Tensor k, Tensor v, int h, int w, int num_prefix, int mask_size, "
+  m.def("masked_attention_cpu_fwd(Tensor q, Tensor k, Tensor v, SymInt h, SymInt w, int num_prefix, int mask_size, "
         "bool hard, float scale) -> (Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
-  m.def("masked_attention_cpu_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, int h, "
-        "int w, int num_prefix, int mask_size, bool hard, float scale) -> (Tensor, Tensor, Tensor)",
+  m.def("masked_attention_cpu_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, SymInt h, "
+        "SymInt w, int num_prefix, int mask_size, bool hard, float scale) -> (Tensor, Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
-  m.def("masked_attention_cpu_qkv_fwd(Tensor qkv, int h, int w, int num_prefix, int mask_size, bool hard, "
+  m.def("masked_attention_cpu_qkv_fwd(Tensor qkv, SymInt h, SymInt w, int num_prefix, int mask_size, bool hard, "
         "float scale) -> (Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
-  m.def("masked_attention_cpu_qkv_bwd(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int h, int w, "
+  m.def("masked_attention_cpu_qkv_bwd(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, SymInt h, SymInt w, "
         "int num_prefix, int mask_size, bool hard, float scale) -> Tensor",
         {at::Tag::pt2_compliant_tag});
   m.def("masked_attention_cpu_isa(str requested='') -> str", &hmait_cpu::select_isa);
