@@ -280,25 +280,26 @@ def _halo_indices(h, w, mask_size: int, num_prefix_tokens: int, tile: int, devic
     return query_index, key_index, allowed, out_index.reshape(h * w)
 
 
-# Masked-out logits of the halo path sit this far below the query's own logit (which every query may
-# see), so they weigh at most exp(-64) of it: zero for every float type, yet inside the range where
-# runtimes' vectorised exp stays fast (ONNX Runtime's softmax slowed tenfold on -inf or -3e38 fills).
-_HALO_MARGIN = 64.
+# What the halo path adds to masked-out logits: far enough below any logit a model computes that
+# their weight is exactly 0 in every float type, yet finite, since OpenVINO's bf16 softmax slowed
+# by half on -3e38 and ONNX Runtime's tenfold on -inf.
+_HALO_MASK_BIAS = -1e9
 
 
 def _halo_attention(q, k, v, h, w, mask_size, mode, num_prefix_tokens, scale, tile: int | None = None):
     """Hard or strict masked attention as batched matrix products over tiles with a halo (for export).
 
     The grid is cut into ``tile x tile`` query tiles; the keys a tile's queries can reach lie in its
-    ``(tile + 2r)^2`` halo, gathered once per tile. Logits and outputs are then two batched MatMuls,
-    as in Swin's windows, and one softmax. The mask needs no fill value: softmax is shift-invariant,
-    so each query's logits are shifted by ``margin - s_self`` (two extra channels of q and k fold the
-    shift into the MatMul) and masked-out logits are multiplied by 0, which puts them ``margin`` below
-    the query's own logit. Hard mode is exact: the ``n_out`` non-neighbours of a query all have logit
-    0, so together they are one more key of logit ``log(n_out)`` whose value is their mean, the total
-    value sum less the neighbours', over ``n_out``. Few, large, standard operators instead of one slice
-    per offset, which is what ONNX runtimes execute well, and every size symbolic, so one export runs
-    at any grid. Memory is O(N * (tile + 2r)^2).
+    ``(tile + 2r)^2`` halo, gathered once per tile. Then, as in Swin's windows: one MatMul for the
+    logits, a constant additive mask (:data:`_HALO_MASK_BIAS` where a halo key is not a query's
+    neighbour), one softmax and one MatMul for the outputs. Hard mode is exact with one more key per
+    tile: the ``n_out`` non-neighbours of a query all have logit 0, so together they weigh as one key
+    of logit ``log(n_out)``, whose softmax weight ``p`` is ``n_out`` times the weight ``p0`` of each.
+    Its value is the total value sum, and ``p`` times a constant row is subtracted from the weights
+    before the output MatMul: ``p0`` from each neighbour's, ``p - p0`` from its own. That leaves
+    ``p0`` times the sum over the non-neighbours. Few, large, standard operators instead of one slice
+    per offset, which is what ONNX runtimes execute well; every size symbolic, so one export runs at
+    any grid. Memory is O(N * (tile + 2r)^2).
     """
     tile = HALO_TILE if tile is None else tile
     out_dtype = q.dtype
@@ -308,47 +309,38 @@ def _halo_attention(q, k, v, h, w, mask_size, mode, num_prefix_tokens, scale, ti
     p, r = num_prefix_tokens, mask_size // 2
     query_index, key_index, allowed, out_index = _halo_indices(h, w, mask_size, p, tile, q.device)
     num_tiles = query_index.shape[0]
-
-    def gather(t, index):  # (B, heads, N, c) -> (B, heads, T, len, c)
-        return t.index_select(2, index.reshape(-1)).reshape(b, heads, num_tiles, index.shape[1], t.shape[-1])
-
-    # The logit scale is applied with the mask, after the MatMul; the extra channels are divided by it.
-    own_product = (q * k).sum(-1, keepdim=True)                                         # (B, heads, N, 1)
-    q_parts, k_parts = [q, _HALO_MARGIN / scale - own_product], [k, torch.ones_like(k[..., :1])]
+    bias = (~allowed).to(dtype) * _HALO_MASK_BIAS                                       # (T, tile^2, S)
+    values = v
     if mode == 'hard':
         # Non-neighbours per token (any value for the prefix rows, which are not grid queries).
         rows, cols = torch.arange(h, device=q.device)[:, None], torch.arange(w, device=q.device)[None]
         near_rows = (rows + r).clamp(max=h - 1) - (rows - r).clamp(min=0) + 1
         near_cols = (cols + r).clamp(max=w - 1) - (cols - r).clamp(min=0) + 1
         num_outside = F.pad((h * w - near_rows * near_cols).reshape(h * w).to(dtype), (p, 0), value=1.)  # (N,)
-        # The extra key: logit log(n_out) through a channel only it has; masked out where a query
-        # has no non-neighbours (a grid inside one mask), whatever its own logit.
-        log_outside = num_outside.clamp(min=1.).log() / scale
-        q_parts.append(log_outside[:, None].expand(b, heads, n, 1))
-        k_parts.append(torch.zeros_like(k[..., :1]))
+        outside = num_outside[query_index]                                             # (T, tile^2)
+        # The extra key (a zero key, so its logit is its bias): log(n_out), or masked out where a
+        # query has no non-neighbours (a grid inside one mask).
+        extra = torch.where(outside > 0, outside.clamp(min=1.).log(), torch.full_like(outside, _HALO_MASK_BIAS))
+        bias = torch.cat([bias, extra[..., None]], dim=-1)
+        share = 1. / outside.clamp(min=1.)[..., None]                                  # p0 / p
+        correction = torch.cat([allowed.to(dtype) * share, 1. - share], dim=-1)        # (T, tile^2, S + 1)
+        k = torch.cat([k, k.new_zeros(b, heads, 1, d)], dim=2)
+        values = torch.cat([v, v.sum(dim=2, keepdim=True)], dim=2)
         key_index = torch.cat([key_index, key_index.new_full((num_tiles, 1), n)], dim=1)
-        # The neighbours, for their value sum, and every key the softmax keeps, the extra key included.
-        neighbours = torch.cat([allowed, allowed.new_zeros(*allowed.shape[:2], 1)], dim=-1).to(dtype)
-        allowed = torch.cat([allowed, (num_outside > 0)[query_index][..., None]], dim=-1)
-    q_tiles = gather(torch.cat(q_parts, dim=-1), query_index)                           # (B, heads, T, tile^2, d + c)
-    k_aug = torch.cat(k_parts, dim=-1)
+
+    def gather(t, index):  # (B, heads, N, c) -> (B, heads, T, len, c)
+        return t.index_select(2, index.reshape(-1)).reshape(b, heads, num_tiles, index.shape[1], t.shape[-1])
+
+    q_tiles = gather(q, query_index)                                                    # (B, heads, T, tile^2, d)
+    k_halo, v_halo = gather(k, key_index), gather(values, key_index)                   # (B, heads, T, S, .)
+    attn = (torch.matmul(q_tiles, k_halo.transpose(-2, -1)) * scale + bias).softmax(dim=-1)
     if mode == 'hard':
-        extra_key = torch.cat([torch.zeros_like(k[:, :, :1]), torch.ones_like(k_aug[:, :, :1, d:])], dim=-1)
-        k_aug, v = torch.cat([k_aug, extra_key], dim=2), F.pad(v, (0, 0, 0, 1))
-    k_halo, v_halo = gather(k_aug, key_index), gather(v, key_index)                    # (B, heads, T, S, .)
-    logits = (q_tiles @ k_halo.transpose(-2, -1)) * (allowed.to(dtype) * scale)      # (B, heads, T, tile^2, S)
-    attn = logits.softmax(dim=-1)
+        attn = attn - attn[..., -1:] * correction
     out = attn @ v_halo                                                                 # (B, heads, T, tile^2, dv)
-    if mode == 'hard':
-        # Each non-neighbour's value, on average: the total value sum less the neighbours'.
-        neighbour_sum = neighbours @ v_halo                                             # (B, heads, T, tile^2, dv)
-        outside = num_outside.clamp(min=1.)[query_index][..., None]                    # (T, tile^2, 1)
-        outside_mean = (v.sum(dim=2)[:, :, None, None] - neighbour_sum) / outside
-        out = out + attn[..., -1:] * outside_mean
     out = out.reshape(b, heads, num_tiles * tile * tile, -1).index_select(2, out_index)  # (B, heads, h*w, dv)
     if p:
         # Prefix queries attend to every token: plain attention over p rows.
-        prefix_out = F.scaled_dot_product_attention(q[:, :, :p], k, v[:, :, :n], scale=scale)
+        prefix_out = F.scaled_dot_product_attention(q[:, :, :p], k[:, :, :n], v, scale=scale)
         out = torch.cat([prefix_out, out], dim=2)
     return out.to(out_dtype)
 
