@@ -33,8 +33,8 @@ _MIN_DYNAMIC_BATCH = 2
 _MIN_DYNAMIC_SIDE = 2 * HALO_TILE * 32
 _MAX_SIDE = 16384
 # A dynamic AOTInductor package takes heights and widths that are multiples of this (as mmdet and
-# mmseg pad their inputs to): the model's padding of other sizes would leave symbolic expressions so
-# nested that compiling them takes hours.
+# mmseg pad their inputs to): the model's padding of other sizes leaves symbolic expressions so nested
+# that AOTInductor's compile of even the demo-sized model had not finished after 25 minutes.
 AOTI_SIDE_MULTIPLE = 32
 # The forms of the masked heads an ONNX file can hold ('kernel' is torch.export's, for AOTInductor).
 ONNX_FORMS = tuple(form for form in EXPORT_FORMS if form != 'kernel')

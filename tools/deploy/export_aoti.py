@@ -12,10 +12,10 @@ the rest (a C++ compiler is needed; minutes for a full-size model on 2 cores). T
 to this torch version and the CPU architecture. Without --dynamic it is also tied to the input shape
 (--batch and --shape); with --dynamic, batch, height and width stay symbolic (height and width any
 multiple of 32, as mmdet and mmseg pad their inputs), and the check also runs at every --check-shapes
-size. After compiling, a random input goes
-through the package and PyTorch; the tool prints the largest difference and both throughputs, and
-exits with status 1 when a difference exceeds --atol. Load it with
-``hmait.deploy.AOTISession(path)`` or, after loading the kernel, ``torch._inductor.aoti_load_package``.
+size. After compiling, a random input goes through the package and PyTorch; the tool prints the
+largest difference and both throughputs, and exits with status 1 when a difference exceeds --atol.
+Load it with ``hmait.deploy.AOTISession(path)`` (which refuses an input shape the package does not
+take) or, after loading the kernel, ``torch._inductor.aoti_load_package``.
 """
 import argparse
 import sys
