@@ -42,6 +42,7 @@ def test_auto_choices_come_with_their_reasons():
     long = choose_global(_q(n=101))
     assert long.backend == 'sdpa' and long.reason.startswith('float32 evaluation: beyond the matmul limits, 101 tokens')
     assert choose_global(_q(dtype=torch.float16)) == ('sdpa', 'no matmul limits for torch.float16')
+    assert choose_global(_q(dtype=torch.bfloat16)).backend == ('matmul' if backends._bf16_matmul_native() else 'sdpa')
     assert choose_global(_q(d=64)) == ('sdpa', 'head size 64 > 32')
     assert choose_global(_q(device='meta')) == ('sdpa', 'a meta tensor: the matmul limits are for CPUs')
 
@@ -179,3 +180,16 @@ def test_settings_hold_under_torch_compile():
     kernel, halo = ([str(node.target) for node in gm.graph.nodes] for gm in calls)
     assert any('hmait' in t for t in kernel)  # the kernel's op
     assert not any('hmait' in t for t in halo)  # the halo path's standard ops
+
+
+def test_bfloat16_takes_sdpa_on_a_cpu_without_native_bfloat16_matmuls(monkeypatch):
+    """On an AVX2 CPU torch's bfloat16 matmuls are slow, so the bf16 matmul limits do not apply there;
+    float32 keeps its limits."""
+    monkeypatch.setattr(backends, '_bf16_matmul_native', lambda: False)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            choice = choose_global(_q(dtype=torch.bfloat16, requires_grad=grad))
+        assert choice == ('sdpa', "this CPU has no native bfloat16 matmuls (oneDNN's bf16 support: AVX-512 or AMX)")
+    assert choose_global(_q()).backend == 'matmul'
+    monkeypatch.setattr(backends, '_bf16_matmul_native', lambda: True)
+    assert choose_global(_q(dtype=torch.bfloat16)).backend == 'matmul'

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hmait.ops import dense_attention_map, global_attention
+from hmait.ops import backends, dense_attention_map, global_attention
 from hmait.ops.backends import MATMUL_LIMITS, MATMUL_MAX_HEAD_DIM, choose_global
 
 # The module itself: hmait.ops's function of the same name shadows it as an attribute.
@@ -62,7 +62,9 @@ def test_half_precision_backends_are_finite_and_close_to_float64(backend, dtype)
     _check(backend, dtype, scale_q, tol_out=tol * scale_q, tol_grad=tol)
 
 
-def test_auto_takes_the_matmuls_only_for_short_cpu_sequences_and_small_maps():
+def test_auto_takes_the_matmuls_only_for_short_cpu_sequences_and_small_maps(monkeypatch):
+    # The limits as on a CPU with native bfloat16 matmuls (test_backends covers one without).
+    monkeypatch.setattr(backends, '_bf16_matmul_native', lambda: True)
     for dtype, limits in MATMUL_LIMITS.items():
         for mode, (tokens, logits) in limits.items():
             def backend(b, n, dtype=dtype, grad=mode == 'train'):
@@ -103,9 +105,10 @@ def test_auto_runs_the_backend_it_picks(monkeypatch):
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
-def test_autocast_gives_both_backends_the_autocast_dtype(backend):
+def test_autocast_gives_both_backends_the_autocast_dtype(backend, monkeypatch):
     """float32 inputs under bf16 autocast: both backends compute in bf16, as SDPA does there, and 'auto'
     picks by bf16's limits (this length is past float32's evaluation limit, inside bf16's)."""
+    monkeypatch.setattr(backends, '_bf16_matmul_native', lambda: True)
     n = MATMUL_LIMITS[torch.float32]['eval'][0] + 4
     assert n <= MATMUL_LIMITS[torch.bfloat16]['eval'][0]
     q, k, v = (t.detach() for t in _inputs(n, torch.float32, scale=1.0))

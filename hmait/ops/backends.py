@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib.util
 import logging
 import os
@@ -74,6 +75,14 @@ MATMUL_LIMITS = {
 # ... and only for heads of at most this size: H-MaiT's 32. At MaiT's 64 (196 tokens, 6 heads) the
 # matmuls' forward took twice SDPA's time and the training pass was level.
 MATMUL_MAX_HEAD_DIM = 32
+# The bfloat16 limits hold only where oneDNN multiplies bfloat16 natively (AVX-512 or AMX). On an
+# AVX2 CPU torch's bfloat16 matmuls fall back to slow code: with oneDNN and ATen limited to AVX2 on
+# that Zen 4, the matmuls took 9x SDPA's time in evaluation and 3x in training at 196 tokens, where
+# SDPA's own kernels stayed fast. Fixed per machine, so a resumed run takes the same path.
+@functools.cache
+def _bf16_matmul_native() -> bool:
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
 
 _settings: dict[str, str | None] = {'masked': None, 'global': None}
 
@@ -308,6 +317,8 @@ def _auto_global(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None
     limits = MATMUL_LIMITS.get(q.dtype)
     if limits is None:
         return Choice('sdpa', f'no matmul limits for {q.dtype}')
+    if q.dtype == torch.bfloat16 and not _bf16_matmul_native():
+        return Choice('sdpa', "this CPU has no native bfloat16 matmuls (oneDNN's bf16 support: AVX-512 or AMX)")
     if q.shape[-1] > MATMUL_MAX_HEAD_DIM:
         return Choice('sdpa', f'head size {q.shape[-1]} > {MATMUL_MAX_HEAD_DIM}')
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v))
