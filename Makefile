@@ -13,7 +13,7 @@ setup-core:
 	bash tools/setup_env.sh core
 
 demo: setup-core
-	$(PYTHON) tools/generate_demo_data.py imagenet data/demo_imagenet --train-per-class 200
+	$(PYTHON) tools/generate_demo_data.py imagenet data/demo_imagenet --train-per-class 200 --val-per-class 50
 	$(PYTHON) tools/train.py configs/hmait_t_demo.py --work-dir work_dirs/hmait_t_demo
 
 # The demo's H-MaiT against the same network with every head global and timm's Swin at the same size,

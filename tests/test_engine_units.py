@@ -95,7 +95,7 @@ def test_dense_generators_refuse_foreign_folders_and_keep_or_replace_their_own(t
 
 def test_dataset_reads_split_with_timm_transform(data):
     ds = ImageFolderDataset(str(data), 'val', transform=dict(input_size=24, is_training=False, crop_pct=1.0))
-    assert ds.classes == ('c000_disc', 'c001_square', 'c002_triangle') and len(ds) == 6
+    assert ds.classes == ('c000_disc', 'c001_triangle', 'c002_ring') and len(ds) == 6
     item = ds[5]
     assert item['inputs'].shape == (3, 24, 24) and item['data_samples'] == 2
 
