@@ -40,7 +40,7 @@ AOTI_SIDE_MULTIPLE = 32
 ONNX_FORMS = tuple(form for form in EXPORT_FORMS if form != 'kernel')
 
 
-def add_export_arguments(parser, out_help: str, shape_help: str, batch_help: str) -> None:
+def add_export_arguments(parser, out_help: str, shape_help: str, batch_help: str, dynamic_help: str) -> None:
     """The arguments both export tools take: what to export and how to check it."""
     parser.add_argument('source', metavar='CONFIG_OR_MODEL', help='timm model name or config file')
     parser.add_argument('checkpoint', nargs='?', help='weights to load (default: the fresh initialisation)')
@@ -49,6 +49,9 @@ def add_export_arguments(parser, out_help: str, shape_help: str, batch_help: str
     parser.add_argument('--batch', type=int, default=1, help=batch_help)
     parser.add_argument('--features', action='store_true', help="a timm model's multi-scale maps (features_only)")
     parser.add_argument('--threads', type=int, help="threads for PyTorch and the runtime (default: torch's)")
+    parser.add_argument('--dynamic', action='store_true', help=dynamic_help)
+    parser.add_argument('--check-shapes', nargs='+', default=['256x320', '384x384'], metavar='HxW',
+                        help='with --dynamic, more input sizes to check (default 256x320 384x384)')
 
 
 def check_export_arguments(parser, args, positive: Sequence[str] = ('batch', 'threads')) -> None:

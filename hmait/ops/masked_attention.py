@@ -318,11 +318,12 @@ def _halo_attention(q, k, v, h, w, mask_size, mode, num_prefix_tokens, scale, ti
         near_cols = (cols + r).clamp(max=w - 1) - (cols - r).clamp(min=0) + 1
         num_outside = F.pad((h * w - near_rows * near_cols).reshape(h * w).to(dtype), (p, 0), value=1.)  # (N,)
         outside = num_outside[query_index]                                             # (T, tile^2)
+        counted = outside.clamp(min=1.)
         # The extra key (a zero key, so its logit is its bias): log(n_out), or masked out where a
         # query has no non-neighbours (a grid inside one mask).
-        extra = torch.where(outside > 0, outside.clamp(min=1.).log(), torch.full_like(outside, _HALO_MASK_BIAS))
+        extra = torch.where(outside > 0, counted.log(), torch.full_like(outside, _HALO_MASK_BIAS))
         bias = torch.cat([bias, extra[..., None]], dim=-1)
-        share = 1. / outside.clamp(min=1.)[..., None]                                  # p0 / p
+        share = 1. / counted[..., None]                                                # p0 / p
         correction = torch.cat([allowed.to(dtype) * share, 1. - share], dim=-1)        # (T, tile^2, S + 1)
         k = torch.cat([k, k.new_zeros(b, heads, 1, d)], dim=2)
         values = torch.cat([v, v.sum(dim=2, keepdim=True)], dim=2)

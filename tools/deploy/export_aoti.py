@@ -30,11 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_export_arguments(parser, out_help='the .pt2 package to write',
                          shape_help='input height and width the package is compiled for (default 224 224)',
-                         batch_help='batch the package is compiled for (default 1)')
-    parser.add_argument('--dynamic', action='store_true',
-                        help=f'symbolic batch, height and width (multiples of {AOTI_SIDE_MULTIPLE})')
-    parser.add_argument('--check-shapes', nargs='+', default=['256x320', '384x384'], metavar='HxW',
-                        help='with --dynamic, more input sizes to check (default 256x320 384x384)')
+                         batch_help='batch the package is compiled for (default 1)',
+                         dynamic_help=f'symbolic batch, height and width (multiples of {AOTI_SIDE_MULTIPLE})')
     parser.add_argument('--atol', type=float, default=1e-3, help='largest allowed difference (default 1e-3)')
     args = parser.parse_args(argv)
     check_export_arguments(parser, args)

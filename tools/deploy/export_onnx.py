@@ -36,11 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_export_arguments(parser, out_help='the .onnx file to write',
                          shape_help='example input height and width (default 224 224)',
-                         batch_help='example batch (default 1)')
-    parser.add_argument('--dynamic', action='store_true', help='symbolic batch, height and width')
+                         batch_help='example batch (default 1)', dynamic_help='symbolic batch, height and width')
     parser.add_argument('--opset', type=int, help="ONNX opset (default: the exporter's)")
-    parser.add_argument('--check-shapes', nargs='+', default=['256x320', '384x384'], metavar='HxW',
-                        help='with --dynamic, more input sizes to check (default 256x320 384x384)')
     parser.add_argument('--masked-heads', default='halo', choices=('halo', 'openvino', 'openvino-bf16'),
                         help='halo: standard ONNX operators (default); openvino: one hmait.MaskedAttention node '
                              'per layer, run by OpenVINO with the project\'s extension; openvino-bf16: that node in '
