@@ -208,6 +208,35 @@ def test_attention_benchmark_packed_layout_runs_the_same_attention(monkeypatch):
         benchmark_attention([4], ['hard'], layout='bnhd')
 
 
+def test_attention_benchmark_times_each_kernel_instruction_set_alternately():
+    from hmait.ops import cpu_kernel
+
+    if not cpu_kernel.is_available():
+        pytest.skip(f'CPU kernel unavailable: {cpu_kernel.cpu_kernel_status()[1]}')
+    best = cpu_kernel.kernel_isa('best')
+    lines = []
+    rows = benchmark_attention([4], ['hard', 'hard-torch'], repeats=2, warmup=0, kernel_isas=['default', best],
+                               log=lines.append)
+    paths = [r['path'] for r in rows if r['passes'] == 'fwd']
+    assert paths == ['hard@default', f'hard@{best}', 'hard-torch']
+    assert all(r['ms'] > 0 for r in rows)
+    assert all('4x4 hard@default ' in line and f'4x4 hard@{best} ' in line for line in lines if 'rep ' in line)
+    assert cpu_kernel.kernel_isa() == best  # the automatic choice is back after the run
+    # Each call runs with its own variant selected.
+    seen = []
+    real = path_fn('hard', (4, 4), 3)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr('hmait.benchmark.attention.path_fn',
+                      lambda *a: lambda *t: seen.append(cpu_kernel.kernel_isa()) or real(*t))
+        benchmark_attention([4], ['hard'], repeats=1, warmup=0, kernel_isas=['default'])
+    assert seen and set(seen) == {'default'}
+    with pytest.raises(ValueError, match='needs device cpu and a path of'):
+        benchmark_attention([4], ['hard-torch'], kernel_isas=['default'])
+    with pytest.raises(ValueError, match="'sse9' cannot run here"):
+        benchmark_attention([4], ['hard'], kernel_isas=['sse9'])
+    assert cpu_kernel.kernel_isa() == best
+
+
 def test_attention_call_makes_the_output_gradient_once(monkeypatch):
     made = []
     real_ones_like = torch.ones_like

@@ -284,7 +284,7 @@ def test_every_instruction_set_variant():
         q, k, v = (_random((2, 3, n, 32), dtype, gen) for _ in range(3))
         grad_out = _random((2, 3, n, 32), dtype, gen)
         want = _reference(q, k, v, hw, 3, 'hard', prefix, grad_out)
-        for isa in ('default', 'avx2', 'avx512'):
+        for isa in ('default', 'avx2', 'avx512', 'avx512_bf16'):
             try:
                 kernel_isa(isa)
             except RuntimeError as err:

@@ -16,6 +16,8 @@ gradient are those the model sees. Paths (on a ``side x side`` grid):
 
 Paths are timed alternately and peak memory is that of one call, both with
 :mod:`hmait.benchmark.measure`. Quadratic paths are skipped above a token limit.
+``kernel_isas`` times ``hard`` and ``strict`` once per instruction-set variant of the CPU kernel
+(:func:`hmait.ops.cpu_kernel.kernel_isa`), alternately, as paths ``hard@avx512`` and so on.
 """
 from __future__ import annotations
 
@@ -62,6 +64,22 @@ def path_fn(path: str, hw: tuple[int, int], mask_size: int, layout: str = 'heads
     return packed if layout == 'packed' else fn
 
 
+KERNEL_PATHS = ('hard', 'strict')
+
+
+def _with_kernel_isa(run: Callable[[], None], isa: str) -> Callable[[], None]:
+    """``run`` with the CPU kernel's instruction-set variant ``isa`` selected for the call."""
+    from ..ops.cpu_kernel import kernel_isa
+
+    def call() -> None:
+        kernel_isa(isa)
+        try:
+            run()
+        finally:
+            kernel_isa('best')
+    return call
+
+
 def _call(fn: Callable, inputs: Sequence[torch.Tensor | None], backward: bool) -> Callable[[], None]:
     """One timed call of ``fn(*inputs)``: the forward, and with ``backward`` the gradients of every
     input but the last (q, k and v, or the packed qkv; the last is alpha).
@@ -86,7 +104,8 @@ def benchmark_attention(grids: Sequence[int], paths: Sequence[str], batch: int =
                         head_dim: int = 32, mask_size: int = 3, repeats: int = 5, warmup: int = 1,
                         dtype: torch.dtype = torch.float32, device: str = 'cpu',
                         max_quadratic_tokens: int = 112 * 112, layout: str = 'heads',
-                        log: Callable[[str], None] | None = None) -> list[dict]:
+                        log: Callable[[str], None] | None = None,
+                        kernel_isas: Sequence[str] = ()) -> list[dict]:
     """One row per (grid, path, pass) with the median and every repetition's milliseconds and the
     peak MiB of one call.
 
@@ -96,6 +115,21 @@ def benchmark_attention(grids: Sequence[int], paths: Sequence[str], batch: int =
     if layout not in LAYOUTS:
         raise ValueError(f'layout must be one of {LAYOUTS}, got {layout!r}')
     dev = torch.device(device)
+    if kernel_isas:
+        from ..ops.cpu_kernel import kernel_isa
+
+        if dev.type != 'cpu' or not any(p in KERNEL_PATHS for p in paths):
+            raise ValueError(f'kernel_isas times the CPU kernel: it needs device cpu and a path of {KERNEL_PATHS}, '
+                             f'got device {device!r} and paths {list(paths)}')
+        for isa in kernel_isas:
+            try:
+                kernel_isa(isa)
+            except RuntimeError as err:
+                raise ValueError(f'kernel_isas: {isa!r} cannot run here ({err})') from None
+            finally:
+                kernel_isa('best')
+        paths = [f'{p}@{isa}' if p in KERNEL_PATHS else p for p in paths
+                 for isa in (kernel_isas if p in KERNEL_PATHS else [None])]
     inputs, runnable = {}, {}
     for side in grids:
         n = side * side
@@ -109,9 +143,12 @@ def benchmark_attention(grids: Sequence[int], paths: Sequence[str], batch: int =
         runnable[side] = [p for p in paths if not (p in QUADRATIC and n > max_quadratic_tokens)]
     rows = []
     for passes in ('fwd', 'fwd+bwd'):
-        calls = {f'{side}x{side} {p}': _call(path_fn(p, (side, side), mask_size, layout), inputs[side],
-                                             passes == 'fwd+bwd')
-                 for side in grids for p in runnable[side]}
+        calls = {}
+        for side in grids:
+            for p in runnable[side]:
+                base, _, isa = p.partition('@')
+                run = _call(path_fn(base, (side, side), mask_size, layout), inputs[side], passes == 'fwd+bwd')
+                calls[f'{side}x{side} {p}'] = _with_kernel_isa(run, isa) if isa else run
         if log is not None:
             log(passes)
         times, errors = time_alternating(calls, reps=repeats, warmup=warmup, device=dev, log=log)

@@ -50,7 +50,7 @@ _CSRC = Path(__file__).resolve().parent / 'csrc'
 # The torch-free kernel sources, shared with the OpenVINO extension (hmait.ops.openvino_extension), and the
 # torch op layer around them.
 KERNEL_SOURCES = ('masked_attention_cpu_isa.cpp', 'masked_attention_cpu_default.cpp', 'masked_attention_cpu_avx2.cpp',
-                  'masked_attention_cpu_avx512.cpp')
+                  'masked_attention_cpu_avx512.cpp', 'masked_attention_cpu_avx512_bf16.cpp')
 _SOURCES = ('masked_attention_cpu.cpp', *KERNEL_SOURCES)
 KERNEL_HEADERS = ('masked_attention_cpu_kernel.h', 'masked_attention_cpu_kernel_impl.h')
 # No -march flags: the AVX2 and AVX-512 variants are enabled per function in their own sources and
@@ -191,7 +191,8 @@ def is_available() -> bool:
 
 
 def kernel_isa(requested: str = '') -> str:
-    """The instruction-set variant in use ('default', 'avx2', 'avx512'); ``requested`` selects one
+    """The instruction-set variant in use ('default', 'avx2', 'avx512', 'avx512_bf16': AVX-512 with the
+    bfloat16 dot product, which only bfloat16 inputs use); ``requested`` selects one
     ('best' restores the automatic choice). The automatic choice honours ``ATEN_CPU_CAPABILITY``."""
     _require()
     return torch.ops.hmait.masked_attention_cpu_isa(requested)

@@ -2,7 +2,8 @@
 """Benchmark the masked-attention op: every path against the portable path, the dense reference and SDPA.
 
     python tools/analysis/benchmark_attention.py [--grids 28 56 112 224] [--batch 1] [--threads N]
-                                                 [--layout heads|packed] [--out FILE.json]
+                                                 [--layout heads|packed] [--kernel-isas ISA ...]
+                                                 [--out FILE.json]
 
 Prints a markdown table (median and every repetition), the growth per grid step and the speed-up
 of each path over the portable PyTorch path, and writes JSON with the hardware and the command.
@@ -44,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--threads', type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument('--max-quadratic-tokens', type=int, default=112 * 112,
                         help='skip the O(N^2) paths (soft, dense, SDPA, global matmuls) above this many tokens')
+    parser.add_argument('--kernel-isas', nargs='+', default=[], choices=('default', 'avx2', 'avx512', 'avx512_bf16'),
+                        help='time the hard and strict paths once per instruction-set variant of the CPU kernel, '
+                             'alternately (paths hard@avx512 and so on)')
     parser.add_argument('--out', default='work_dirs/benchmark_attention.json', help='JSON output path')
     args = parser.parse_args(argv)
     for name in ('batch', 'heads', 'head_dim', 'repeats', 'threads'):
@@ -56,9 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    rows = benchmark_attention(args.grids, args.paths, args.batch, args.heads, args.head_dim, args.mask_size,
-                               args.repeats, args.warmup, getattr(torch, args.dtype), args.device,
-                               args.max_quadratic_tokens, args.layout, log=log)
+    try:
+        rows = benchmark_attention(args.grids, args.paths, args.batch, args.heads, args.head_dim, args.mask_size,
+                                   args.repeats, args.warmup, getattr(torch, args.dtype), args.device,
+                                   args.max_quadratic_tokens, args.layout, log=log, kernel_isas=args.kernel_isas)
+    except ValueError as err:  # an instruction-set variant this machine cannot run, or no kernel path
+        parser.error(f'--kernel-isas: {err}')
     summary = summarise(rows)
     payload = record(args.device, sys.argv if argv is None else ['tools/analysis/benchmark_attention.py', *argv],
                      settings=vars(args), rows=rows, summary=summary)

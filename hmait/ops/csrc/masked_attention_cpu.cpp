@@ -36,7 +36,7 @@ using at::Tensor;
 
 // ---- instruction-set selection ----
 
-constexpr const char* kIsaNames[] = {"default", "avx2", "avx512"};
+constexpr const char* kIsaNames[] = {"default", "avx2", "avx512", "avx512_bf16"};
 
 std::atomic<int>& current_isa() {
   static std::atomic<int> isa{best_isa()};
@@ -50,9 +50,9 @@ std::string select_isa(c10::string_view requested) {
     current_isa() = best_isa();
   } else if (!name.empty()) {
     int isa = -1;
-    for (int i = 0; i < 3; ++i)
+    for (int i = 0; i < 4; ++i)
       if (name == kIsaNames[i]) isa = i;
-    TORCH_CHECK(isa >= 0, "masked_attention_cpu_isa: requested must be '', 'best', 'default', 'avx2' or 'avx512', "
+    TORCH_CHECK(isa >= 0, "masked_attention_cpu_isa: requested must be '', 'best', 'default', 'avx2', 'avx512' or 'avx512_bf16', "
                 "got '", name, "'");
     TORCH_CHECK(isa_usable(isa), "masked_attention_cpu_isa: '", name, "' is not available ",
                 kernel_for(isa) == nullptr ? "in this build (compiler or architecture)" : "on this CPU");

@@ -12,6 +12,7 @@ namespace hmait_cpu {
 
 KernelFn kernel_for(int isa) {
   switch (isa) {
+    case 3: return kernel_avx512_bf16();
     case 2: return kernel_avx512();
     case 1: return kernel_avx2();
     default: return kernel_default();
@@ -22,6 +23,13 @@ namespace {
 
 bool cpu_supports(int isa) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  if (isa == 3) {
+#if !defined(__clang__) && __GNUC__ >= 10
+    return cpu_supports(2) && __builtin_cpu_supports("avx512bf16");
+#else
+    return false;  // the variant is built by GCC 10 or later only
+#endif
+  }
   if (isa == 2)
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
@@ -38,8 +46,9 @@ bool cpu_supports(int isa) {
 bool isa_usable(int isa) { return kernel_for(isa) != nullptr && cpu_supports(isa); }
 
 int best_isa() {
-  // ATEN_CPU_CAPABILITY caps torch's own kernels; it caps these the same way.
-  int cap = 2;
+  // ATEN_CPU_CAPABILITY caps torch's own kernels; it caps these the same way ('avx512' allows both
+  // AVX-512 variants).
+  int cap = 3;
   if (const char* env = std::getenv("ATEN_CPU_CAPABILITY")) {
     const std::string value(env);
     if (value == "default") cap = 0;

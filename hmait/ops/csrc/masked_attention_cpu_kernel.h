@@ -66,10 +66,11 @@ using KernelFn = void (*)(Stage stage, const Args& args, int64_t begin, int64_t 
 KernelFn kernel_default();
 KernelFn kernel_avx2();
 KernelFn kernel_avx512();
+KernelFn kernel_avx512_bf16();
 
 // ---- What every op layer (torch's, OpenVINO's) shares: masked_attention_cpu_isa.cpp, torch-free ----
 
-// The variants by number: 0 default, 1 AVX2, 2 AVX-512.
+// The variants by number: 0 default, 1 AVX2, 2 AVX-512, 3 AVX-512 with the BF16 dot product.
 KernelFn kernel_for(int isa);
 // Whether this build has the variant and this CPU can run it.
 bool isa_usable(int isa);

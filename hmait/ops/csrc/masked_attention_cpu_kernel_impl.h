@@ -610,7 +610,7 @@ struct MaskedKernel {
     load_row(at(a.q, b, g, head), q);
     // Logits: per key a vector of partial products, then the lane sums of all nine at once.
     V part[kBox];
-    box_dots(q, at(a.k, b, g, head), key_offsets, part);
+    box_dots(q, at(a.q, b, g, head), at(a.k, b, g, head), key_offsets, part);
     // Lanes past the ninth logit hold zeros: -inf there keeps them out of the max and the sum.
     const bool with_outside = hard && hw > kBox;
     V largest = V{} + (with_outside ? A(0) : -std::numeric_limits<A>::infinity());
@@ -706,14 +706,27 @@ struct MaskedKernel {
     }
   }
 
-  // part[j] = the dot product of x (in registers) with the row at base + offsets[j], for the nine
-  // tokens of the box, reduced together: the products end up in the first nine lanes of part[0..).
-  static HMAIT_INLINE void box_dots(const V* x, const S* base, const int64_t* offsets, V* part) {
+  // part[j] = the dot product of x, the row at x_row in registers (load_row), with the row at
+  // base + offsets[j], for the nine tokens of the box, reduced together: the products end up in the
+  // first nine lanes of part[0..).
+  static HMAIT_INLINE void box_dots(const V* x, const S* x_row, const S* base, const int64_t* offsets, V* part) {
     constexpr int64_t nv = kRowVectors;
+#ifdef HMAIT_BF16_DOT
+    // One bfloat16 dot-product instruction per vector of channel pairs, on the rows as stored.
+    VecBits32 x_pairs[kPairs ? nv / 2 : 1];
+    if constexpr (kPairs) {
+      for (int64_t t = 0; t < nv / 2; ++t) x_pairs[t] = load_vector<VecBits32>(x_row + 2 * t * lanes);
+    }
+#endif
     for (int64_t j = 0; j < kBox; ++j) {
       const S* y = base + offsets[j];
       V sum;
       if constexpr (kPairs) {
+#ifdef HMAIT_BF16_DOT
+        sum = HMAIT_BF16_DOT(V{}, x_pairs[0], load_vector<VecBits32>(y));
+        for (int64_t t = 1; t < nv / 2; ++t)
+          sum = HMAIT_BF16_DOT(sum, x_pairs[t], load_vector<VecBits32>(y + 2 * t * lanes));
+#else
         V even, odd;
         split_pairs(y, even, odd);
         sum = x[0] * even + x[1] * odd;
@@ -721,6 +734,7 @@ struct MaskedKernel {
           split_pairs(y + 2 * t * lanes, even, odd);
           sum += x[2 * t] * even + x[2 * t + 1] * odd;
         }
+#endif
       } else {
         sum = x[0] * Tr::load_lanes(y);
         for (int64_t t = 1; t < nv; ++t) sum += x[t] * Tr::load_lanes(y + t * lanes);
@@ -776,8 +790,8 @@ struct MaskedKernel {
     // grad_q of query g: scale * sum_j p_gj (grad_out_g . v_j - delta_g) k_j.
     load_row(query, x);
     load_row(go, y);
-    box_dots(x, key, k_offsets, part);
-    box_dots(y, value, v_offsets, part2);
+    box_dots(x, query, key, k_offsets, part);
+    box_dots(y, go, value, v_offsets, part2);
     const A lse_g = lse_bh[g], delta_g = delta_bh[g];
     for (int64_t i = 0; i < kBoxVectors; ++i)
       store_vector(ds + i * lanes, exp_lanes(part[i] * scale - lse_g) * (part2[i] - delta_g));
@@ -794,8 +808,8 @@ struct MaskedKernel {
     }
     load_row(key, x);
     load_row(value, y);
-    box_dots(x, query, q_offsets, part);
-    box_dots(y, go, go_offsets, part2);
+    box_dots(x, key, query, q_offsets, part);
+    box_dots(y, value, go, go_offsets, part2);
     for (int64_t i = 0; i < kBoxVectors; ++i) {
       const V p = exp_lanes(part[i] * scale - load_vector<V>(row_lse + i * lanes));
       store_vector(ds + i * lanes, p * (part2[i] - load_vector<V>(row_delta + i * lanes)));
