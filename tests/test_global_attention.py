@@ -1,4 +1,4 @@
-"""The global heads' two paths (torch's SDPA and plain matmuls) against the unmasked dense reference."""
+"""The global heads' paths (torch's SDPA, plain matmuls, the C++ kernel) against the unmasked dense reference."""
 import importlib
 
 import pytest
@@ -84,8 +84,9 @@ def test_auto_takes_the_matmuls_only_for_short_cpu_sequences_and_small_maps(monk
     assert choose_global(q.detach(), q.detach(), q).backend == 'matmul'
     for dtype in (torch.float16, torch.float64):
         assert choose_global(torch.empty(1, 1, 16, 8, dtype=dtype)).backend == 'sdpa'
-    assert choose_global(torch.empty(1, 1, 16, MATMUL_MAX_HEAD_DIM)).backend == 'matmul'
-    assert choose_global(torch.empty(1, 1, 16, MATMUL_MAX_HEAD_DIM + 1)).backend == 'sdpa'
+    # (With gradients: without them the C++ kernel takes head size 32, test_cpu_kernel_* below.)
+    assert choose_global(torch.empty(1, 1, 16, MATMUL_MAX_HEAD_DIM, requires_grad=True)).backend == 'matmul'
+    assert choose_global(torch.empty(1, 1, 16, MATMUL_MAX_HEAD_DIM + 1, requires_grad=True)).backend == 'sdpa'
     assert choose_global(torch.empty(1, 1, 16, 8, device='meta')).backend == 'sdpa'
 
 
@@ -161,3 +162,100 @@ def test_unknown_backend_is_refused():
     q, k, v = _inputs(4, torch.float32)
     with pytest.raises(ValueError, match="backend must be one of .*'matmul'.*got 'flash'"):
         global_attention(q, k, v, backend='flash')
+
+
+# ---- the C++ kernel of the global heads (backend 'cpu'), forward only ----
+
+def _require_cpu_kernel():
+    from hmait.ops import cpu_kernel
+    if not cpu_kernel.is_available():
+        pytest.skip(f'CPU kernel unavailable: {cpu_kernel.cpu_kernel_status()[1]}')
+    return cpu_kernel
+
+
+def _packed(b, n, n_keys, heads, d, dtype, scale, seed):
+    """q, k, v as (B, heads, N, d) strided views of packed projections, as a model hands them over."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = (torch.randn(b, max(n, n_keys), 3, heads, d, generator=g, dtype=torch.float64) * scale).to(dtype)
+    return qkv[:, :n, 0].transpose(1, 2), qkv[:, :n_keys, 1].transpose(1, 2), qkv[:, :n_keys, 2].transpose(1, 2)
+
+
+@pytest.mark.parametrize('dtype,tol', [(torch.float32, 2e-6), (torch.bfloat16, 8e-3), (torch.float16, 1e-3)])
+def test_cpu_kernel_matches_the_dense_reference_in_every_variant(dtype, tol):
+    cpu_kernel = _require_cpu_kernel()
+    # Query and key counts around the vector widths (4, 8, 16 lanes) and the blocks of four queries,
+    # keys as pooled heads have them (fewer than the queries), a single key, a long row, and head size 64.
+    shapes = [(2, 21, 21, 3, 32), (1, 70, 17, 2, 32), (2, 5, 1, 2, 32), (1, 9, 300, 1, 32), (2, 13, 33, 2, 64),
+              (1, 1, 16, 1, 64)]
+    for i, (b, n, n_keys, heads, d) in enumerate(shapes):
+        q, k, v = _packed(b, n, n_keys, heads, d, dtype, scale=1.5, seed=i)
+        want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=0.3)
+        for isa in ('default', 'avx2', 'avx512', 'avx512_bf16'):
+            try:
+                cpu_kernel.kernel_isa(isa)
+            except RuntimeError as err:
+                assert 'not available' in str(err)
+                continue
+            try:
+                got = global_attention(q, k, v, scale=0.3, backend='cpu')
+            finally:
+                cpu_kernel.kernel_isa('best')
+            assert got.shape == want.shape and got.dtype == dtype
+            err = (got.double() - want).abs().max().item()
+            assert err < tol * want.abs().max().item(), (isa, dtype, (b, n, n_keys, heads, d), err)
+
+
+def test_cpu_kernel_keeps_float32_logits_for_half_precision_inputs():
+    """Logits near 1e3 from bfloat16 inputs: rounding them to bfloat16 would move them by up to 4 (and the
+    probabilities by factors of e^4); the kernel's float32 logits leave only the output's rounding."""
+    _require_cpu_kernel()
+    q, k, v = _packed(2, 21, 21, 3, 32, torch.bfloat16, scale=10.0, seed=5)
+    logits = q.double() @ k.double().transpose(-2, -1) / 32 ** 0.5
+    assert logits.abs().max() > 3e2
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    with torch.no_grad():
+        got = global_attention(q, k, v, backend='cpu')
+    assert (got.double() - want).abs().max() < 8e-3 * want.abs().max()
+
+
+def test_auto_takes_the_cpu_kernel_without_gradients_and_says_why(monkeypatch):
+    cpu_kernel = _require_cpu_kernel()
+    q, k, v = _packed(2, 30, 30, 2, 32, torch.float32, scale=1.0, seed=0)
+    assert choose_global(q, k, v) == ('cpu', 'evaluation on CPU: the compiled C++ kernel of the global heads')
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        assert global_attention(q, k, v).dtype == torch.bfloat16
+        assert choose_global(q.bfloat16()).backend == 'cpu'
+    # Where it cannot run, 'auto' goes on to the matmuls or SDPA, and a request for it says why.
+    grad_q = q.detach().requires_grad_()
+    assert choose_global(grad_q, k, v).backend == 'matmul'
+    cases = [((grad_q, k, v), {}, 'has no backward, and gradients are taken'),
+             ((q[..., :16], k[..., :16], v[..., :16]), {}, r'head sizes \(32, 64\) \(q, k and v alike\), got \[16\]'),
+             ((q, k, v[..., :16]), {}, r'got \[16, 32\]'),
+             ((q.double(), k.double(), v.double()), {}, 'takes .*got torch.float64'),
+             ((q, k, v), {'bias': True}, 'no additive bias'),
+             ((q, k, v), {'dropout_p': 0.1}, 'applies no dropout'),
+             ((q.to('meta'), k.to('meta'), v.to('meta')), {}, 'takes CPU tensors, got a tensor on meta')]
+    for args, kwargs, reason in cases:
+        assert choose_global(*args, **kwargs).backend != 'cpu', reason
+        with pytest.raises(ValueError, match=f"backend='cpu' .*cannot run this call: .*{reason}"):
+            choose_global(*args, backend='cpu', **kwargs)
+    with pytest.raises(ValueError, match='computes no gradients'):
+        cpu_kernel.global_attention_cpu(grad_q, k, v)
+    # A kernel that was not built: 'auto' falls back, a request is a RuntimeError naming the cause.
+    monkeypatch.setattr(backends, 'cpu_kernel_status', lambda: (False, 'not built here'))
+    assert choose_global(q, k, v).backend == 'matmul'
+    with pytest.raises(RuntimeError, match=r'unavailable \(not built here\)'):
+        choose_global(q, k, v, backend='cpu')
+
+
+def test_auto_runs_the_cpu_kernel_in_evaluation(monkeypatch):
+    cpu_kernel = _require_cpu_kernel()
+    calls, real = [], cpu_kernel.global_attention_cpu
+    monkeypatch.setattr(cpu_kernel, 'global_attention_cpu', lambda *a: calls.append(a[0].shape) or real(*a))
+    q, k, v = _packed(1, 12, 12, 2, 32, torch.float32, scale=1.0, seed=1)
+    with torch.no_grad():
+        out = global_attention(q, k, v)
+    torch.testing.assert_close(out, global_attention(q, k, v, backend='matmul'))
+    assert calls == [q.shape]
+    global_attention(q.requires_grad_(), k, v)  # with gradients: not the kernel
+    assert len(calls) == 1

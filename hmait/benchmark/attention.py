@@ -12,7 +12,9 @@ gradient are those the model sees. Paths (on a ``side x side`` grid):
 * ``dense-hard``: the O(N^2) reference :func:`hmait.ops.dense_masked_attention`;
 * ``sdpa-global``: ``scaled_dot_product_attention`` over all tokens, what a global head costs;
 * ``global-matmul``: the same by two matmuls and a softmax (:func:`hmait.ops.global_attention` with
-  ``backend='matmul'``), which the global heads take on CPU for short sequences.
+  ``backend='matmul'``), which the global heads take on CPU for short sequences when training;
+* ``global-cpu``: the same by the C++ kernel (``backend='cpu'``), which they take on CPU in evaluation;
+  forward only, so the ``fwd+bwd`` pass skips it.
 
 Paths are timed alternately and peak memory is that of one call, both with
 :mod:`hmait.benchmark.measure`. Quadratic paths are skipped above a token limit.
@@ -31,8 +33,10 @@ from ..ops import dense_masked_attention, global_attention, masked_attention, ma
 from ..ops.masked_attention import qkv_heads
 from .measure import markdown_table, peak_memory_mib, time_alternating
 
-PATHS = ('hard', 'strict', 'soft', 'hard-torch', 'strict-torch', 'dense-hard', 'sdpa-global', 'global-matmul')
-QUADRATIC = ('soft', 'dense-hard', 'sdpa-global', 'global-matmul')
+PATHS = ('hard', 'strict', 'soft', 'hard-torch', 'strict-torch', 'dense-hard', 'sdpa-global', 'global-matmul',
+         'global-cpu')
+QUADRATIC = ('soft', 'dense-hard', 'sdpa-global', 'global-matmul', 'global-cpu')
+FORWARD_ONLY = ('global-cpu',)
 LAYOUTS = ('heads', 'packed')
 
 
@@ -60,6 +64,9 @@ def path_fn(path: str, hw: tuple[int, int], mask_size: int, layout: str = 'heads
             return dense_masked_attention(q, k, v, hw, mask_size, 'hard')
         if path == 'global-matmul':
             return global_attention(q, k, v, backend='matmul')
+        if path == 'global-cpu':
+            with torch.no_grad():  # the kernel has no backward
+                return global_attention(q, k, v, backend='cpu')
         return F.scaled_dot_product_attention(q, k, v)
     return packed if layout == 'packed' else fn
 
@@ -146,6 +153,8 @@ def benchmark_attention(grids: Sequence[int], paths: Sequence[str], batch: int =
         calls = {}
         for side in grids:
             for p in runnable[side]:
+                if passes == 'fwd+bwd' and p in FORWARD_ONLY:
+                    continue
                 base, _, isa = p.partition('@')
                 run = _call(path_fn(base, (side, side), mask_size, layout), inputs[side], passes == 'fwd+bwd')
                 calls[f'{side}x{side} {p}'] = _with_kernel_isa(run, isa) if isa else run
@@ -159,6 +168,8 @@ def benchmark_attention(grids: Sequence[int], paths: Sequence[str], batch: int =
                            repetitions_ms=None, note=errors.get(key, ''))
                 if p not in runnable[side]:
                     row['note'] = f'skipped: quadratic path above {max_quadratic_tokens} tokens'
+                elif passes == 'fwd+bwd' and p in FORWARD_ONLY:
+                    row['note'] = 'skipped: forward only'
                 elif key in times:
                     row.update(ms=1e3 * statistics.median(times[key]), peak_mib=peak_memory_mib(calls[key], dev),
                                repetitions_ms=[1e3 * t for t in times[key]])

@@ -41,7 +41,7 @@ from .checks import exporting
 logger = logging.getLogger(__name__)
 
 MASKED_BACKENDS = ('auto', 'torch', 'halo', 'triton', 'cpu', 'openvino')
-GLOBAL_BACKENDS = ('auto', 'sdpa', 'matmul')
+GLOBAL_BACKENDS = ('auto', 'sdpa', 'matmul', 'cpu')
 KINDS = {'masked': MASKED_BACKENDS, 'global': GLOBAL_BACKENDS}
 ENVIRONMENT = {'masked': 'HMAIT_MASKED_ATTENTION_BACKEND', 'global': 'HMAIT_GLOBAL_ATTENTION_BACKEND'}
 
@@ -62,7 +62,8 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # The Triton kernels' largest head size (hmait.ops.triton_masked.MAX_HEAD_DIM, not imported: triton is optional).
 TRITON_MAX_HEAD_DIM = 256
 
-# Where 'auto' takes the global heads' matmuls on CPU: (most tokens, prefix tokens included; most
+# Where 'auto' takes the global heads' matmuls on CPU when the C++ kernel does not run the call (with
+# gradients, or where it is not built): (most tokens, prefix tokens included; most
 # logits, B * heads * N * N), for training (gradients needed) and for evaluation. The plain path keeps
 # the whole (B, heads, N, N) map, so it loses once the map outgrows the caches as well as for long
 # sequences; flash's backward is the slow part, so training gains over a wider range. Measured with
@@ -309,11 +310,48 @@ def choose_masked(q: torch.Tensor, v_dim: int, mode: str, backend: str = 'auto')
 # The global heads
 
 
-def _auto_global(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None) -> Choice:
+def _gradients_taken(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _check_global_cpu(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, bias: bool,
+                      dropout_p: float) -> str | None:
+    """Why the C++ kernel of the global heads (hmait::global_attention_cpu) cannot run this call, or None."""
+    from .cpu_kernel import GLOBAL_DTYPES, GLOBAL_HEAD_DIMS
+
+    if q.device.type != 'cpu':
+        return f'the compiled CPU kernel takes CPU tensors, got a tensor on {q.device}'
+    if _gradients_taken(q, k, v):
+        return 'the compiled CPU kernel of the global heads has no backward, and gradients are taken'
+    if q.dtype not in GLOBAL_DTYPES:
+        return f'the compiled CPU kernel of the global heads takes {GLOBAL_DTYPES}, got {q.dtype}'
+    dims = {q.shape[-1], *(t.shape[-1] for t in (k, v) if t is not None)}
+    if len(dims) != 1 or q.shape[-1] not in GLOBAL_HEAD_DIMS:
+        return f'the compiled CPU kernel of the global heads takes head sizes {GLOBAL_HEAD_DIMS} (q, k and v alike), ' \
+               f'got {sorted(dims)}'
+    if bias:
+        return 'the compiled CPU kernel of the global heads takes no additive bias (a window with padded keys)'
+    if dropout_p > 0.:
+        return 'the compiled CPU kernel of the global heads applies no dropout'
+    if exporting() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return 'traced: the compiled CPU kernel of the global heads runs in eager mode only'
+    available, why = cpu_kernel_status()
+    if not available:
+        return f'the compiled CPU kernel is unavailable ({why})'
+    return None
+
+
+def _auto_global(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, bias: bool,
+                 dropout_p: float) -> Choice:
     if q.device.type != 'cpu':
         return Choice('sdpa', f'a {q.device.type} tensor: the matmul limits are for CPUs')
     if exporting() or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return Choice('sdpa', 'traced: a graph that does not depend on the sequence length')
+    # Without gradients the C++ kernel wherever it runs: faster than the matmuls and SDPA at every shape
+    # measured, from 49 to 4,200 keys (docs/benchmarks.md).
+    reason = _check_global_cpu(q, k, v, bias, dropout_p)
+    if reason is None:
+        return Choice('cpu', 'evaluation on CPU: the compiled C++ kernel of the global heads')
     limits = MATMUL_LIMITS.get(q.dtype)
     if limits is None:
         return Choice('sdpa', f'no matmul limits for {q.dtype}')
@@ -321,7 +359,7 @@ def _auto_global(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None
         return Choice('sdpa', "this CPU has no native bfloat16 matmuls (oneDNN's bf16 support: AVX-512 or AMX)")
     if q.shape[-1] > MATMUL_MAX_HEAD_DIM:
         return Choice('sdpa', f'head size {q.shape[-1]} > {MATMUL_MAX_HEAD_DIM}')
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v))
+    grad = _gradients_taken(q, k, v)
     phase = 'train' if grad else 'eval'
     max_tokens, max_logits = limits[phase]
     n, n_keys = q.shape[-2], q.shape[-2] if k is None else k.shape[-2]
@@ -334,13 +372,23 @@ def _auto_global(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None
 
 
 def choose_global(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None,
-                  backend: str = 'auto') -> Choice:
+                  backend: str = 'auto', bias: bool = False, dropout_p: float = 0.) -> Choice:
     """The backend of a global-head call on ``(B, heads, N, d)`` q, k, v (in the dtype they compute in), and why.
 
-    'sdpa' and 'matmul' run every call; ``'auto'`` takes the matmuls on CPU in eager mode within
-    :data:`MATMUL_LIMITS` (training limits when gradients will be taken), SDPA otherwise."""
+    ``bias``: whether the call adds a bias to the logits; ``dropout_p``: its dropout.
+    'sdpa' and 'matmul' run every call; 'cpu' (the compiled C++ kernel) runs CPU calls without gradients,
+    bias or dropout, at head sizes 32 and 64, and raises ValueError (RuntimeError where the kernel is not
+    built) with the reason otherwise. ``'auto'`` takes 'cpu' where it runs, else the matmuls on CPU in
+    eager mode within :data:`MATMUL_LIMITS` (training limits when gradients will be taken), else SDPA."""
     name, source = requested_backend('global', backend)
-    choice = _auto_global(q, k, v) if name == 'auto' else Choice(name, source)
+    if name == 'auto':
+        choice = _auto_global(q, k, v, bias, dropout_p)
+    else:
+        reason = _check_global_cpu(q, k, v, bias, dropout_p) if name == 'cpu' else None
+        if reason is not None:
+            error = RuntimeError if reason.startswith('the compiled CPU kernel is unavailable') else ValueError
+            raise error(f'backend={name!r} ({source}) cannot run this call: {reason}')
+        choice = Choice(name, source)
     _log('global', q, None if v is None else v.shape[-1], choice)
     return choice
 

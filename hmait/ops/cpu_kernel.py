@@ -16,6 +16,10 @@ The kernels register torch custom ops, opaque to ``torch.compile``:
   packed ``(B, N, 3, heads, d)`` projection, whose gradient the kernel writes in one piece (separate
   q, k, v views would have autograd stack three gradients into it, a full copy).
 
+* ``hmait::global_attention_cpu(q, k, v, scale) -> out``: the global heads (no mask) in the same layout,
+  q ``(B, Nq, heads, d)``, k and v ``(B, Nk, heads, d)``, head sizes 32 and 64, float32 / bfloat16 /
+  float16, forward only (:func:`global_attention_cpu`).
+
 Layout contract: q, k ``(B, N, heads, d)`` and v ``(B, N, heads, d_v)`` with any strides (the channel
 dimension should be contiguous, else it is copied), e.g. views of the qkv projection output reshaped
 to ``(B, N, 3, heads, d)``. ``out`` is a new contiguous ``(B, N, heads, d_v)`` tensor, so
@@ -42,7 +46,7 @@ import torch
 from .checks import check_grid, check_int, check_mask_size, check_packed_qkv
 
 __all__ = ['build', 'cpu_kernel_status', 'decided_status', 'extension_dir', 'is_available', 'is_built', 'kernel_isa',
-           'library_path',
+           'global_attention_cpu', 'library_path',
            'masked_attention_bnhd', 'masked_attention_cpu', 'masked_attention_qkv_cpu']
 
 _EXTENSION_NAME = 'hmait_masked_attention_cpu'
@@ -122,6 +126,7 @@ def _register_python_parts() -> None:
     torch.library.register_fake('hmait::masked_attention_cpu_qkv_bwd', _qkv_bwd_fake)
     torch.library.register_autograd('hmait::masked_attention_cpu_qkv_fwd', _qkv_backward,
                                     setup_context=_qkv_setup_context)
+    torch.library.register_fake('hmait::global_attention_cpu', _global_fake)
 
 
 def _load(verbose: bool) -> tuple[bool, str]:
@@ -209,6 +214,10 @@ def _fwd_fake(q, k, v, h, w, num_prefix, mask_size, hard, scale):
     b, n, heads, _ = q.shape
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     return q.new_empty(b, n, heads, v.shape[-1]), q.new_empty(b, heads, n, dtype=acc)
+
+
+def _global_fake(q, k, v, scale):
+    return q.new_empty(q.shape)
 
 
 def _gradient_like(t):
@@ -318,4 +327,24 @@ def masked_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw, 
     """
     out = masked_attention_bnhd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), hw, mask_size, mode,
                                 num_prefix_tokens, scale)
+    return out.transpose(1, 2)
+
+
+# The dtypes and head sizes of the global heads' kernel (hmait::global_attention_cpu).
+GLOBAL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+GLOBAL_HEAD_DIMS = (32, 64)
+
+
+def global_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """``softmax(scale q k^T) v`` of ``(B, heads, N, d)`` q and ``(B, heads, N_k, d)`` k, v through the C++
+    kernel: float32 logits and softmax, the output in the inputs' dtype (a transposed view of a new
+    token-major tensor, as :func:`masked_attention_cpu` returns). Head sizes 32 and 64; float32, bfloat16 and
+    float16. It has no backward: inputs that require gradients are refused (ValueError) while grad mode is on.
+    """
+    _require()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ValueError('global_attention_cpu computes no gradients; call it under torch.no_grad() or '
+                         "torch.inference_mode(), or use hmait.ops.global_attention with backend 'auto'")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out = torch.ops.hmait.global_attention_cpu(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale)
     return out.transpose(1, 2)

@@ -1,4 +1,5 @@
-"""The global (unmasked) heads: ``softmax(q k^T * scale) v`` by torch's SDPA or by two matmuls.
+"""The global (unmasked) heads: ``softmax(q k^T * scale) v`` by torch's SDPA, by two matmuls, or by the
+project's C++ kernel.
 
 On CPU, torch's ``scaled_dot_product_attention`` runs a flash kernel. For the short sequences of
 H-MaiT's stages 3 and 4 (196 and 49 tokens at 224 px) it is slower than the plain formulation,
@@ -8,9 +9,14 @@ docs/benchmarks.md). For long sequences flash is the faster one and keeps no ``(
 ``backend='auto'`` takes the matmuls only up to a token count and a logits count per dtype
 (larger when gradients are taken), on CPU, in eager mode: :mod:`hmait.ops.backends` holds those
 limits, makes the choice and says why.
+Without gradients, on CPU in eager mode, ``'auto'`` takes the C++ kernel of
+:mod:`hmait.ops.cpu_kernel` (``backend='cpu'``) where it is built: one pass per block of queries
+(float32 logits, softmax and weighted values, the bfloat16 dot product where the CPU has it), faster
+than both at every shape measured (docs/benchmarks.md). It has no backward, so training takes the others.
 Under ``torch.compile``, ``torch.export``, ONNX export and tracing it always takes SDPA, so that
-the traced graph does not depend on the sequence length. Both paths are tested against the
-unmasked dense reference (``dense_attention_map(..., mode=None) @ v``), gradients included.
+the traced graph does not depend on the sequence length. Every path is tested against the
+unmasked dense reference (``dense_attention_map(..., mode=None) @ v``), gradients included where it
+has them.
 
 :func:`global_attention_qkv` also limits how far the heads reach (``GLOBAL_SPANS``, H-MaiT's
 ``global_attn``): over keys and values pooled to a span grid, or within windows of it, so that their
@@ -43,13 +49,17 @@ def global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     """Unmasked attention of ``(B, heads, N, d)`` q, k, v -> ``(B, heads, N, d_v)``, in their dtype.
 
     ``dropout_p`` drops attention probabilities (pass 0 in evaluation, as with SDPA).
-    ``backend``: ``'auto'`` (:func:`hmait.ops.backends.choose_global` picks), ``'sdpa'`` or ``'matmul'``.
+    ``backend``: ``'auto'`` (:func:`hmait.ops.backends.choose_global` picks), ``'sdpa'``, ``'matmul'``, or
+    ``'cpu'``: the compiled C++ kernel (CPU, no gradients, no bias or dropout, head sizes 32 and 64).
     ``bias``: an optional float tensor added to the scaled logits, broadcastable to ``(B, heads, N, N_k)``
     (SDPA's float ``attn_mask``).
     Under autocast both backends compute in the autocast dtype, as SDPA does there.
     """
     q, k, v = autocast_inputs(q, k, v)
-    backend = choose_global(q, k, v, backend).backend
+    backend = choose_global(q, k, v, backend, bias=bias is not None, dropout_p=dropout_p).backend
+    if backend == 'cpu':
+        from .cpu_kernel import global_attention_cpu
+        return global_attention_cpu(q, k, v, scale)
     if backend == 'sdpa':
         mask = None if bias is None else bias.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)

@@ -241,6 +241,50 @@ Tensor masked_attention_cpu_qkv_bwd(const Tensor& grad_out, const Tensor& qkv, c
   return grad_qkv;
 }
 
+// ---- the global heads ----
+
+// softmax(scale q k^T) v over every key: q (B, Nq, heads, d), k and v (B, Nk, heads, d), any strides with
+// contiguous channels -> a new contiguous (B, Nq, heads, d) tensor. Forward only (no autograd formula):
+// callers use it where no gradient is taken.
+Tensor global_attention_cpu(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, double scale) {
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor&>{"q", q_in}, {"k", k_in}, {"v", v_in}}) {
+    TORCH_CHECK(t.dim() == 4, "global_attention_cpu: ", name, " must have shape (B, N, heads, d), got ", t.sizes());
+    TORCH_CHECK(t.device().is_cpu(), "global_attention_cpu: ", name, " must be a CPU tensor, got ", t.device());
+    TORCH_CHECK(t.scalar_type() == q_in.scalar_type(), "global_attention_cpu: q, k, v must share a dtype, got ",
+                q_in.scalar_type(), " and ", t.scalar_type(), " for ", name);
+  }
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat || q_in.scalar_type() == at::kBFloat16 ||
+              q_in.scalar_type() == at::kHalf,
+              "global_attention_cpu: q, k, v must be float32, bfloat16 or float16, got ", q_in.scalar_type());
+  TORCH_CHECK(global_head_dim_supported(q_in.size(3)), "global_attention_cpu: the head size must be 32 or 64, got ",
+              q_in.size(3));
+  TORCH_CHECK(k_in.size(0) == q_in.size(0) && k_in.size(2) == q_in.size(2) && k_in.size(3) == q_in.size(3),
+              "global_attention_cpu: k must share (B, heads, d) with q ", q_in.sizes(), ", got ", k_in.sizes());
+  TORCH_CHECK(v_in.sizes() == k_in.sizes(), "global_attention_cpu: v must have the shape of k ", k_in.sizes(),
+              ", got ", v_in.sizes());
+  TORCH_CHECK(k_in.size(1) > 0 || q_in.size(1) == 0, "global_attention_cpu: no keys for ", q_in.size(1), " queries");
+  const Tensor q = channels_contiguous(q_in), k = channels_contiguous(k_in), v = channels_contiguous(v_in);
+  Tensor out = at::empty(q.sizes(), q.options());
+  Args args;
+  args.dtype = dtype_of(q);
+  args.batch = q.size(0);
+  args.heads = q.size(2);
+  args.head_dim = q.size(3);
+  args.value_dim = v.size(3);
+  args.scale = scale;
+  args.q = view_of(q);
+  args.k = view_of(k);
+  args.v = view_of(v);
+  args.out = view_of(out);
+  args.queries = q.size(1);
+  args.keys = k.size(1);
+  args.global_chunk = global_chunk(args.batch * args.heads, args.queries);
+  if (args.queries == 0) return out;
+  const int64_t chunks = (args.queries + args.global_chunk - 1) / args.global_chunk;
+  run_stage(kernel_for(current_isa().load()), Stage::kGlobalForward, args, args.batch * args.heads * chunks, 1);
+  return out;
+}
+
 }  // namespace
 }  // namespace hmait_cpu
 
@@ -258,6 +302,7 @@ TORCH_LIBRARY_FRAGMENT(hmait, m) {
   m.def("masked_attention_cpu_qkv_bwd(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, SymInt h, SymInt w, "
         "int num_prefix, int mask_size, bool hard, float scale) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+  m.def("global_attention_cpu(Tensor q, Tensor k, Tensor v, float scale) -> Tensor", {at::Tag::pt2_compliant_tag});
   m.def("masked_attention_cpu_isa(str requested='') -> str", &hmait_cpu::select_isa);
 }
 
@@ -266,4 +311,5 @@ TORCH_LIBRARY_IMPL(hmait, CPU, m) {
   m.impl("masked_attention_cpu_bwd", &hmait_cpu::masked_attention_cpu_bwd);
   m.impl("masked_attention_cpu_qkv_fwd", &hmait_cpu::masked_attention_cpu_qkv_fwd);
   m.impl("masked_attention_cpu_qkv_bwd", &hmait_cpu::masked_attention_cpu_qkv_bwd);
+  m.impl("global_attention_cpu", &hmait_cpu::global_attention_cpu);
 }

@@ -65,4 +65,9 @@ int64_t grid_grain(const Args& args) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(per_item, 1));
 }
 
+int64_t global_chunk(int64_t batch_heads, int64_t queries) {
+  const int64_t per_bh = std::max<int64_t>(1, std::min((64 + batch_heads - 1) / batch_heads, (queries + 63) / 64));
+  return (queries + per_bh - 1) / per_bh;
+}
+
 }  // namespace hmait_cpu

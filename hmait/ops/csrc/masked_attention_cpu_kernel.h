@@ -41,6 +41,9 @@ struct Args {
                                  // has non-neighbours, else 0
   View grad_q, grad_k;  // backward: written, (B, N, heads, head_dim) in the input dtype, e.g. views of one
   View grad_v;          // packed (B, N, 3, heads, d) gradient; grad_v is (B, N, heads, value_dim)
+  // The global heads: q and out hold `queries` tokens, k and v `keys` tokens; each work item takes
+  // `global_chunk` queries of one (b, head).
+  int64_t queries = 0, keys = 0, global_chunk = 0;
 };
 
 // The stages of forward and backward. Each runs over a range of independent work items, so the
@@ -58,6 +61,8 @@ enum class Stage : int {
   kBackwardPrefixQuery = 6,  // items: (b, head, prefix) -> grad_q of the prefix queries
   kBackwardPrefixKey = 7,    // items: (b, head, prefix) -> grad_k / grad_v of the prefix keys
   kValueSum = 8,             // items: (b, head)            -> value_sum = sum of the grid values (hard)
+  // The global heads (no mask), forward only: items (b, head, chunk of global_chunk queries) -> out.
+  kGlobalForward = 9,
 };
 
 using KernelFn = void (*)(Stage stage, const Args& args, int64_t begin, int64_t end);
@@ -78,6 +83,11 @@ bool isa_usable(int isa);
 int best_isa();
 // Work items per chunk of the grid stages: each item costs about mask_size^2 * d multiply-adds.
 int64_t grid_grain(const Args& args);
+// Head sizes the global heads' kernel (Stage::kGlobalForward) takes.
+inline bool global_head_dim_supported(int64_t d) { return d == 32 || d == 64; }
+// Queries per work item of the global heads: all of a (b, head) where that gives enough items to share
+// between threads, else fewer, but at least 64 (each item packs its keys and values once).
+int64_t global_chunk(int64_t batch_heads, int64_t queries);
 
 // The forward pass as its stages in order: parallel(stage, items, grain) must run
 // kernel(stage, args, begin, end) over the items [0, items) in chunks of about grain.

@@ -1080,9 +1080,192 @@ struct MaskedKernel {
       case Stage::kBackwardPrefixQuery: backward_prefix_query(begin, end); break;
       case Stage::kBackwardPrefixKey: backward_prefix_key(begin, end); break;
       case Stage::kValueSum: value_sum_stage(begin, end); break;
+      case Stage::kGlobalForward: break;  // GlobalKernel
     }
   }
 };
+
+// ---- The global heads: softmax(scale q . k) v over every key, forward only ----
+//
+// A work item is a chunk of the queries of one (b, head). Its keys and values are packed once (once for
+// consecutive items of one head) in float32: the keys channel-major (channel c of keys j..j+lanes in one vector), so that one query's
+// logits against `lanes` keys are D multiply-adds of a broadcast query channel, and the values row by row.
+// Queries go kBlock at a time, which reads each packed vector once for the block: their logits, each
+// row's softmax (exp_normalise), then the weighted values. With the bfloat16 dot product
+// (HMAIT_BF16_DOT) bfloat16 keys are packed as channel pairs instead and each logit vector takes D / 2
+// instructions on the stored bits; the products of bfloat16 values are exact in float32, so the logits
+// are those of float32 arithmetic on the same inputs. The values are then packed as pairs of keys, and
+// the probabilities rounded to bfloat16 (as flash attention and the matmul path do for bfloat16
+// inputs), so that one instruction adds two keys' weighted values. Everything else is float32.
+template <typename T, int64_t D>
+struct GlobalKernel {
+  using Tr = Traits<T>;
+  using S = typename Tr::storage;
+  using V = VecFloat;
+  static constexpr int64_t lanes = HMAIT_VECTOR_BYTES / sizeof(float);
+  static constexpr int64_t kRowVectors = D / lanes;
+  static constexpr int kBlock = 4;
+#ifdef HMAIT_BF16_DOT
+  static constexpr bool kPairs = std::is_same<T, BFloat16Tag>::value;
+#else
+  static constexpr bool kPairs = false;
+#endif
+  static_assert(D % lanes == 0, "the head size is a whole number of vectors");
+
+  const Args& a;
+  const int64_t heads, nq, nk, keys_padded, key_stride;
+  const float scale;
+
+  explicit GlobalKernel(const Args& args)
+      : a(args), heads(args.heads), nq(args.queries), nk(args.keys), keys_padded(padded(args.keys)),
+        // One vector more than the padded keys: rows of the packed keys a power of two apart would share
+        // cache sets (1024 keys took twice the time of 784 without it).
+        key_stride(padded(args.keys) + lanes), scale(float(args.scale)) {}
+
+  const S* at(const View& view, int64_t b, int64_t token, int64_t head) const {
+    return static_cast<const S*>(view.data) + b * view.stride_b + token * view.stride_n + head * view.stride_h;
+  }
+
+  // The keys and values of (b, head) into the packed buffers.
+  void pack(int64_t b, int64_t head, float* keys, uint32_t* key_pairs, float* values) const {
+    for (int64_t j = 0; j < nk; ++j) {
+      const S* k = at(a.k, b, j, head);
+      if constexpr (kPairs) {
+        for (int64_t c = 0; c < D / 2; ++c)
+          key_pairs[c * key_stride + j] = uint32_t(k[2 * c]) | (uint32_t(k[2 * c + 1]) << 16);
+      } else {
+        for (int64_t c = 0; c < D; ++c) keys[c * key_stride + j] = Tr::load(k[c]);
+      }
+      const S* v = at(a.v, b, j, head);
+      if constexpr (kPairs) {  // key j in the low half of pair j / 2, key j + 1 in its high half
+        uint16_t* pairs = reinterpret_cast<uint16_t*>(values) + (j / 2) * 2 * D + j % 2;
+        for (int64_t c = 0; c < D; ++c) pairs[2 * c] = v[c];
+      } else {
+        for (int64_t t = 0; t < kRowVectors; ++t)
+          store_vector(values + j * D + t * lanes, Tr::load_lanes(v + t * lanes));
+      }
+    }
+    if (kPairs && nk % 2 == 1) {  // the missing high half of the last pair
+      uint16_t* pairs = reinterpret_cast<uint16_t*>(values) + (nk / 2) * 2 * D + 1;
+      for (int64_t c = 0; c < D; ++c) pairs[2 * c] = 0;
+    }
+    for (int64_t j = nk; j < keys_padded; ++j) {  // padding: logits 0 here, set to -inf before the softmax
+      if constexpr (kPairs) {
+        for (int64_t c = 0; c < D / 2; ++c) key_pairs[c * key_stride + j] = 0;
+      } else {
+        for (int64_t c = 0; c < D; ++c) keys[c * key_stride + j] = 0.0f;
+      }
+    }
+  }
+
+  // Queries i .. i + Q of (b, head): logits into rows (Q rows of keys_padded), then the output.
+  template <int Q>
+  HMAIT_INLINE void block(int64_t b, int64_t head, int64_t i, const float* keys, const uint32_t* key_pairs,
+                          const float* values, float* query, uint32_t* query_pairs, float* rows) const {
+    for (int u = 0; u < Q; ++u) {
+      const S* q = at(a.q, b, i + u, head);
+      if constexpr (kPairs) {
+        for (int64_t c = 0; c < D / 2; ++c)
+          query_pairs[u * D + c] = uint32_t(q[2 * c]) | (uint32_t(q[2 * c + 1]) << 16);
+      } else {
+        for (int64_t c = 0; c < D; ++c) query[u * D + c] = scale * Tr::load(q[c]);
+      }
+    }
+    for (int64_t kb = 0; kb < keys_padded; kb += lanes) {
+      V acc[Q];
+      for (int u = 0; u < Q; ++u) acc[u] = V{};
+      if constexpr (kPairs) {
+#ifdef HMAIT_BF16_DOT
+        for (int64_t c = 0; c < D / 2; ++c) {
+          const VecBits32 k = load_vector<VecBits32>(key_pairs + c * key_stride + kb);
+          for (int u = 0; u < Q; ++u) acc[u] = HMAIT_BF16_DOT(acc[u], VecBits32{} + query_pairs[u * D + c], k);
+        }
+        for (int u = 0; u < Q; ++u) acc[u] *= scale;
+#endif
+      } else {
+        for (int64_t c = 0; c < D; ++c) {
+          const V k = load_vector<V>(keys + c * key_stride + kb);
+          for (int u = 0; u < Q; ++u) acc[u] += query[u * D + c] * k;
+        }
+      }
+      for (int u = 0; u < Q; ++u) store_vector(rows + u * keys_padded + kb, acc[u]);
+    }
+    float inverse[Q];
+    for (int u = 0; u < Q; ++u) {
+      float m;
+      inverse[u] = 1.0f / exp_normalise(rows + u * keys_padded, nk, -std::numeric_limits<float>::infinity(), m);
+    }
+    V out[Q][kRowVectors];
+    for (int u = 0; u < Q; ++u)
+      for (int64_t t = 0; t < kRowVectors; ++t) out[u][t] = V{};
+    if constexpr (kPairs) {
+#ifdef HMAIT_BF16_DOT
+      // The probabilities as bfloat16 in key order: read as 32-bit words, pairs of keys (the padding's are 0).
+      uint16_t* probabilities = reinterpret_cast<uint16_t*>(query);
+      for (int u = 0; u < Q; ++u)
+        for (int64_t kb = 0; kb < keys_padded; kb += lanes)
+          float_to_bf16_vector(probabilities + u * keys_padded + kb, load_vector<V>(rows + u * keys_padded + kb));
+      const uint32_t* pair_weights = reinterpret_cast<const uint32_t*>(probabilities);
+      const uint32_t* value_pairs = reinterpret_cast<const uint32_t*>(values);
+      for (int64_t j = 0; j < (nk + 1) / 2; ++j) {
+        VecBits32 v[kRowVectors];
+        for (int64_t t = 0; t < kRowVectors; ++t) v[t] = load_vector<VecBits32>(value_pairs + j * D + t * lanes);
+        for (int u = 0; u < Q; ++u) {
+          const VecBits32 p = VecBits32{} + pair_weights[u * keys_padded / 2 + j];
+          for (int64_t t = 0; t < kRowVectors; ++t) out[u][t] = HMAIT_BF16_DOT(out[u][t], p, v[t]);
+        }
+      }
+#endif
+    } else {
+      for (int64_t j = 0; j < nk; ++j) {
+        V v[kRowVectors];
+        for (int64_t t = 0; t < kRowVectors; ++t) v[t] = load_vector<V>(values + j * D + t * lanes);
+        for (int u = 0; u < Q; ++u) {
+          const V p = V{} + rows[u * keys_padded + j];
+          for (int64_t t = 0; t < kRowVectors; ++t) out[u][t] += p * v[t];
+        }
+      }
+    }
+    for (int u = 0; u < Q; ++u) {
+      S* o = const_cast<S*>(at(a.out, b, i + u, head));
+      for (int64_t t = 0; t < kRowVectors; ++t) Tr::store_lanes(o + t * lanes, out[u][t] * inverse[u]);
+    }
+  }
+
+  void forward(int64_t begin, int64_t end) const {
+    const int64_t chunk = a.global_chunk, chunks = (nq + chunk - 1) / chunk;
+    // query: the block's scaled queries, or with kPairs its bfloat16 probabilities (kBlock * keys_padded / 2
+    // words); values: float32 rows, or with kPairs bfloat16 pairs of rows ((nk + 1) / 2 * D words).
+    std::vector<float> keys(kPairs ? 0 : D * key_stride), values((nk + 1) / 2 * 2 * D),
+        query(kPairs ? kBlock * keys_padded / 2 : kBlock * D), rows(kBlock * keys_padded);
+    std::vector<uint32_t> key_pairs(kPairs ? D / 2 * key_stride : 0), query_pairs(kPairs ? kBlock * D : 0);
+    int64_t packed = -1;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / chunks, b = bh / heads, head = bh % heads;
+      if (bh != packed) {
+        pack(b, head, keys.data(), key_pairs.data(), values.data());
+        packed = bh;
+      }
+      const int64_t stop = std::min(nq, (item % chunks + 1) * chunk);
+      int64_t i = item % chunks * chunk;
+      for (; i + kBlock <= stop; i += kBlock)
+        block<kBlock>(b, head, i, keys.data(), key_pairs.data(), values.data(), query.data(), query_pairs.data(),
+                      rows.data());
+      for (; i < stop; ++i)
+        block<1>(b, head, i, keys.data(), key_pairs.data(), values.data(), query.data(), query_pairs.data(),
+                 rows.data());
+    }
+  }
+};
+
+template <typename T>
+inline void run_global(const Args& args, int64_t begin, int64_t end) {
+  if (args.head_dim == 32 && args.value_dim == 32) {
+    GlobalKernel<T, 32>(args).forward(begin, end);
+  } else if (args.head_dim == 64 && args.value_dim == 64) {
+    GlobalKernel<T, 64>(args).forward(begin, end);
+  }
+}
 
 // Head sizes with a compile-time specialisation: those of H-MaiT (32) and of most MaiT variants (64).
 template <typename T>
@@ -1097,6 +1280,15 @@ inline void run_typed(Stage stage, const Args& args, int64_t begin, int64_t end)
 }
 
 inline void run(Stage stage, const Args& args, int64_t begin, int64_t end) {
+  if (stage == Stage::kGlobalForward) {  // float32, bfloat16, float16 (the op layer refuses float64)
+    switch (args.dtype) {
+      case DType::kFloat32: run_global<float>(args, begin, end); break;
+      case DType::kBFloat16: run_global<BFloat16Tag>(args, begin, end); break;
+      case DType::kFloat16: run_global<Float16Tag>(args, begin, end); break;
+      case DType::kFloat64: break;
+    }
+    return;
+  }
   switch (args.dtype) {
     case DType::kFloat32: run_typed<float>(stage, args, begin, end); break;
     case DType::kFloat64: run_typed<double>(stage, args, begin, end); break;
