@@ -43,9 +43,9 @@ def test_auto_choices_come_with_their_reasons():
     assert long.backend == 'sdpa' and long.reason.startswith('float32 evaluation: beyond the matmul limits, 101 tokens')
     assert choose_global(_q(dtype=torch.float16)) == ('sdpa', 'no matmul limits for torch.float16')
     assert choose_global(_q(dtype=torch.bfloat16)).backend == ('matmul' if backends._bf16_matmul_native() else 'sdpa')
-    assert choose_global(_q(d=64, requires_grad=True)) == ('sdpa', 'head size 64 > 32')
-    # Without gradients, at head sizes 32 and 64, the compiled kernel (tests/test_global_attention.py).
-    assert choose_global(_q(d=64)) == ('cpu', 'evaluation on CPU: the compiled C++ kernel of the global heads')
+    assert choose_global(_q(d=48)) == ('sdpa', 'head size 48 > 32')
+    # At head sizes 32 and 64 the compiled kernel (tests/test_global_attention.py).
+    assert choose_global(_q(d=64)) == ('cpu', 'on CPU: the compiled C++ kernel of the global heads')
     assert choose_global(_q(device='meta')) == ('sdpa', 'a meta tensor: the matmul limits are for CPUs')
 
 

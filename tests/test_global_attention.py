@@ -63,8 +63,10 @@ def test_half_precision_backends_are_finite_and_close_to_float64(backend, dtype)
 
 
 def test_auto_takes_the_matmuls_only_for_short_cpu_sequences_and_small_maps(monkeypatch):
-    # The limits as on a CPU with native bfloat16 matmuls (test_backends covers one without).
+    # The limits as on a CPU with native bfloat16 matmuls (test_backends covers one without), and without the
+    # C++ kernel, which 'auto' takes first where it runs (test_cpu_kernel_* below).
     monkeypatch.setattr(backends, '_bf16_matmul_native', lambda: True)
+    monkeypatch.setattr(backends, 'cpu_kernel_status', lambda: (False, 'not built in this test'))
     for dtype, limits in MATMUL_LIMITS.items():
         for mode, (tokens, logits) in limits.items():
             def backend(b, n, dtype=dtype, grad=mode == 'train'):
@@ -84,9 +86,8 @@ def test_auto_takes_the_matmuls_only_for_short_cpu_sequences_and_small_maps(monk
     assert choose_global(q.detach(), q.detach(), q).backend == 'matmul'
     for dtype in (torch.float16, torch.float64):
         assert choose_global(torch.empty(1, 1, 16, 8, dtype=dtype)).backend == 'sdpa'
-    # (With gradients: without them the C++ kernel takes head size 32, test_cpu_kernel_* below.)
-    assert choose_global(torch.empty(1, 1, 16, MATMUL_MAX_HEAD_DIM, requires_grad=True)).backend == 'matmul'
-    assert choose_global(torch.empty(1, 1, 16, MATMUL_MAX_HEAD_DIM + 1, requires_grad=True)).backend == 'sdpa'
+    assert choose_global(torch.empty(1, 1, 16, MATMUL_MAX_HEAD_DIM)).backend == 'matmul'
+    assert choose_global(torch.empty(1, 1, 16, MATMUL_MAX_HEAD_DIM + 1)).backend == 'sdpa'
     assert choose_global(torch.empty(1, 1, 16, 8, device='meta')).backend == 'sdpa'
 
 
@@ -180,7 +181,7 @@ def _packed(b, n, n_keys, heads, d, dtype, scale, seed):
     return qkv[:, :n, 0].transpose(1, 2), qkv[:, :n_keys, 1].transpose(1, 2), qkv[:, :n_keys, 2].transpose(1, 2)
 
 
-@pytest.mark.parametrize('dtype,tol', [(torch.float32, 2e-6), (torch.bfloat16, 8e-3), (torch.float16, 1e-3)])
+@pytest.mark.parametrize('dtype,tol', [(torch.float32, 2e-6), (torch.bfloat16, 8e-3), (torch.float16, 1.5e-3)])
 def test_cpu_kernel_matches_the_dense_reference_in_every_variant(dtype, tol):
     cpu_kernel = _require_cpu_kernel()
     # Query and key counts around the vector widths (4, 8, 16 lanes) and the blocks of four queries,
@@ -188,8 +189,11 @@ def test_cpu_kernel_matches_the_dense_reference_in_every_variant(dtype, tol):
     shapes = [(2, 21, 21, 3, 32), (1, 70, 17, 2, 32), (2, 5, 1, 2, 32), (1, 9, 300, 1, 32), (2, 13, 33, 2, 64),
               (1, 1, 16, 1, 64)]
     for i, (b, n, n_keys, heads, d) in enumerate(shapes):
-        q, k, v = _packed(b, n, n_keys, heads, d, dtype, scale=1.5, seed=i)
-        want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=0.3)
+        q, k, v = (t.detach().requires_grad_() for t in _packed(b, n, n_keys, heads, d, dtype, scale=1.5, seed=i))
+        grad_out = torch.randn(b, heads, n, d, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+        ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        want = F.scaled_dot_product_attention(*ref_inputs, scale=0.3)
+        want_grads = torch.autograd.grad(want, ref_inputs, grad_out)
         for isa in ('default', 'avx2', 'avx512', 'avx512_bf16'):
             try:
                 cpu_kernel.kernel_isa(isa)
@@ -198,11 +202,17 @@ def test_cpu_kernel_matches_the_dense_reference_in_every_variant(dtype, tol):
                 continue
             try:
                 got = global_attention(q, k, v, scale=0.3, backend='cpu')
+                grads = torch.autograd.grad(got, (q, k, v), grad_out.to(dtype))
             finally:
                 cpu_kernel.kernel_isa('best')
+            where = (isa, dtype, (b, n, n_keys, heads, d))
             assert got.shape == want.shape and got.dtype == dtype
-            err = (got.double() - want).abs().max().item()
-            assert err < tol * want.abs().max().item(), (isa, dtype, (b, n, n_keys, heads, d), err)
+            assert (got.double() - want).abs().max() < tol * want.abs().max(), where
+            # Relative to the gradients' scale (with one key, q and k get no gradient, only rounding).
+            scale = max(max(w.abs().max().item() for w in want_grads), 1.0)
+            for name, g, w in zip('qkv', grads, want_grads):
+                assert g.dtype == dtype and g.shape == w.shape
+                assert (g.double() - w).abs().max() < 4 * tol * scale, (*where, name)
 
 
 def test_cpu_kernel_keeps_float32_logits_for_half_precision_inputs():
@@ -218,18 +228,16 @@ def test_cpu_kernel_keeps_float32_logits_for_half_precision_inputs():
     assert (got.double() - want).abs().max() < 8e-3 * want.abs().max()
 
 
-def test_auto_takes_the_cpu_kernel_without_gradients_and_says_why(monkeypatch):
-    cpu_kernel = _require_cpu_kernel()
+def test_auto_takes_the_cpu_kernel_and_says_why(monkeypatch):
+    _require_cpu_kernel()
     q, k, v = _packed(2, 30, 30, 2, 32, torch.float32, scale=1.0, seed=0)
-    assert choose_global(q, k, v) == ('cpu', 'evaluation on CPU: the compiled C++ kernel of the global heads')
+    assert choose_global(q, k, v) == ('cpu', 'on CPU: the compiled C++ kernel of the global heads')
+    assert choose_global(q.detach().requires_grad_(), k, v).backend == 'cpu'  # it has a backward
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         assert global_attention(q, k, v).dtype == torch.bfloat16
         assert choose_global(q.bfloat16()).backend == 'cpu'
     # Where it cannot run, 'auto' goes on to the matmuls or SDPA, and a request for it says why.
-    grad_q = q.detach().requires_grad_()
-    assert choose_global(grad_q, k, v).backend == 'matmul'
-    cases = [((grad_q, k, v), {}, 'has no backward, and gradients are taken'),
-             ((q[..., :16], k[..., :16], v[..., :16]), {}, r'head sizes \(32, 64\) \(q, k and v alike\), got \[16\]'),
+    cases = [((q[..., :16], k[..., :16], v[..., :16]), {}, r'head sizes \(32, 64\) \(q, k and v alike\), got \[16\]'),
              ((q, k, v[..., :16]), {}, r'got \[16, 32\]'),
              ((q.double(), k.double(), v.double()), {}, 'takes .*got torch.float64'),
              ((q, k, v), {'bias': True}, 'no additive bias'),
@@ -239,8 +247,6 @@ def test_auto_takes_the_cpu_kernel_without_gradients_and_says_why(monkeypatch):
         assert choose_global(*args, **kwargs).backend != 'cpu', reason
         with pytest.raises(ValueError, match=f"backend='cpu' .*cannot run this call: .*{reason}"):
             choose_global(*args, backend='cpu', **kwargs)
-    with pytest.raises(ValueError, match='computes no gradients'):
-        cpu_kernel.global_attention_cpu(grad_q, k, v)
     # A kernel that was not built: 'auto' falls back, a request is a RuntimeError naming the cause.
     monkeypatch.setattr(backends, 'cpu_kernel_status', lambda: (False, 'not built here'))
     assert choose_global(q, k, v).backend == 'matmul'
@@ -248,7 +254,7 @@ def test_auto_takes_the_cpu_kernel_without_gradients_and_says_why(monkeypatch):
         choose_global(q, k, v, backend='cpu')
 
 
-def test_auto_runs_the_cpu_kernel_in_evaluation(monkeypatch):
+def test_auto_runs_the_cpu_kernel_with_and_without_gradients(monkeypatch):
     cpu_kernel = _require_cpu_kernel()
     calls, real = [], cpu_kernel.global_attention_cpu
     monkeypatch.setattr(cpu_kernel, 'global_attention_cpu', lambda *a: calls.append(a[0].shape) or real(*a))
@@ -257,5 +263,6 @@ def test_auto_runs_the_cpu_kernel_in_evaluation(monkeypatch):
         out = global_attention(q, k, v)
     torch.testing.assert_close(out, global_attention(q, k, v, backend='matmul'))
     assert calls == [q.shape]
-    global_attention(q.requires_grad_(), k, v)  # with gradients: not the kernel
-    assert len(calls) == 1
+    q = q.detach().requires_grad_()
+    global_attention(q, k, v).sum().backward()
+    assert len(calls) == 2 and q.grad is not None and torch.isfinite(q.grad).all()

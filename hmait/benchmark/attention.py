@@ -13,8 +13,7 @@ gradient are those the model sees. Paths (on a ``side x side`` grid):
 * ``sdpa-global``: ``scaled_dot_product_attention`` over all tokens, what a global head costs;
 * ``global-matmul``: the same by two matmuls and a softmax (:func:`hmait.ops.global_attention` with
   ``backend='matmul'``), which the global heads take on CPU for short sequences when training;
-* ``global-cpu``: the same by the C++ kernel (``backend='cpu'``), which they take on CPU in evaluation;
-  forward only, so the ``fwd+bwd`` pass skips it.
+* ``global-cpu``: the same by the C++ kernel (``backend='cpu'``), which they take on CPU.
 
 Paths are timed alternately and peak memory is that of one call, both with
 :mod:`hmait.benchmark.measure`. Quadratic paths are skipped above a token limit.
@@ -36,7 +35,6 @@ from .measure import markdown_table, peak_memory_mib, time_alternating
 PATHS = ('hard', 'strict', 'soft', 'hard-torch', 'strict-torch', 'dense-hard', 'sdpa-global', 'global-matmul',
          'global-cpu')
 QUADRATIC = ('soft', 'dense-hard', 'sdpa-global', 'global-matmul', 'global-cpu')
-FORWARD_ONLY = ('global-cpu',)
 LAYOUTS = ('heads', 'packed')
 
 
@@ -65,8 +63,7 @@ def path_fn(path: str, hw: tuple[int, int], mask_size: int, layout: str = 'heads
         if path == 'global-matmul':
             return global_attention(q, k, v, backend='matmul')
         if path == 'global-cpu':
-            with torch.no_grad():  # the kernel has no backward
-                return global_attention(q, k, v, backend='cpu')
+            return global_attention(q, k, v, backend='cpu')
         return F.scaled_dot_product_attention(q, k, v)
     return packed if layout == 'packed' else fn
 
@@ -153,8 +150,6 @@ def benchmark_attention(grids: Sequence[int], paths: Sequence[str], batch: int =
         calls = {}
         for side in grids:
             for p in runnable[side]:
-                if passes == 'fwd+bwd' and p in FORWARD_ONLY:
-                    continue
                 base, _, isa = p.partition('@')
                 run = _call(path_fn(base, (side, side), mask_size, layout), inputs[side], passes == 'fwd+bwd')
                 calls[f'{side}x{side} {p}'] = _with_kernel_isa(run, isa) if isa else run
@@ -168,8 +163,6 @@ def benchmark_attention(grids: Sequence[int], paths: Sequence[str], batch: int =
                            repetitions_ms=None, note=errors.get(key, ''))
                 if p not in runnable[side]:
                     row['note'] = f'skipped: quadratic path above {max_quadratic_tokens} tokens'
-                elif passes == 'fwd+bwd' and p in FORWARD_ONLY:
-                    row['note'] = 'skipped: forward only'
                 elif key in times:
                     row.update(ms=1e3 * statistics.median(times[key]), peak_mib=peak_memory_mib(calls[key], dev),
                                repetitions_ms=[1e3 * t for t in times[key]])

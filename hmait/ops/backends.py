@@ -62,8 +62,8 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # The Triton kernels' largest head size (hmait.ops.triton_masked.MAX_HEAD_DIM, not imported: triton is optional).
 TRITON_MAX_HEAD_DIM = 256
 
-# Where 'auto' takes the global heads' matmuls on CPU when the C++ kernel does not run the call (with
-# gradients, or where it is not built): (most tokens, prefix tokens included; most
+# Where 'auto' takes the global heads' matmuls on CPU when the C++ kernel does not run the call (a bias,
+# dropout, another head size or dtype, or not built): (most tokens, prefix tokens included; most
 # logits, B * heads * N * N), for training (gradients needed) and for evaluation. The plain path keeps
 # the whole (B, heads, N, N) map, so it loses once the map outgrows the caches as well as for long
 # sequences; flash's backward is the slow part, so training gains over a wider range. Measured with
@@ -321,8 +321,6 @@ def _check_global_cpu(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor |
 
     if q.device.type != 'cpu':
         return f'the compiled CPU kernel takes CPU tensors, got a tensor on {q.device}'
-    if _gradients_taken(q, k, v):
-        return 'the compiled CPU kernel of the global heads has no backward, and gradients are taken'
     if q.dtype not in GLOBAL_DTYPES:
         return f'the compiled CPU kernel of the global heads takes {GLOBAL_DTYPES}, got {q.dtype}'
     dims = {q.shape[-1], *(t.shape[-1] for t in (k, v) if t is not None)}
@@ -347,11 +345,11 @@ def _auto_global(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None
         return Choice('sdpa', f'a {q.device.type} tensor: the matmul limits are for CPUs')
     if exporting() or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return Choice('sdpa', 'traced: a graph that does not depend on the sequence length')
-    # Without gradients the C++ kernel wherever it runs: faster than the matmuls and SDPA at every shape
-    # measured, from 49 to 4,200 keys (docs/benchmarks.md).
+    # The C++ kernel wherever it runs: faster than the matmuls and SDPA at every shape measured, from 49 to
+    # 4,200 keys, forward and backward (docs/benchmarks.md); like flash attention it keeps no logits map.
     reason = _check_global_cpu(q, k, v, bias, dropout_p)
     if reason is None:
-        return Choice('cpu', 'evaluation on CPU: the compiled C++ kernel of the global heads')
+        return Choice('cpu', 'on CPU: the compiled C++ kernel of the global heads')
     limits = MATMUL_LIMITS.get(q.dtype)
     if limits is None:
         return Choice('sdpa', f'no matmul limits for {q.dtype}')
@@ -376,9 +374,9 @@ def choose_global(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tenso
     """The backend of a global-head call on ``(B, heads, N, d)`` q, k, v (in the dtype they compute in), and why.
 
     ``bias``: whether the call adds a bias to the logits; ``dropout_p``: its dropout.
-    'sdpa' and 'matmul' run every call; 'cpu' (the compiled C++ kernel) runs CPU calls without gradients,
-    bias or dropout, at head sizes 32 and 64, and raises ValueError (RuntimeError where the kernel is not
-    built) with the reason otherwise. ``'auto'`` takes 'cpu' where it runs, else the matmuls on CPU in
+    'sdpa' and 'matmul' run every call; 'cpu' (the compiled C++ kernel) runs CPU calls without bias or
+    dropout at head sizes 32 and 64 in eager mode, and raises ValueError (RuntimeError where the kernel is
+    not built) with the reason otherwise. ``'auto'`` takes 'cpu' where it runs, else the matmuls on CPU in
     eager mode within :data:`MATMUL_LIMITS` (training limits when gradients will be taken), else SDPA."""
     name, source = requested_backend('global', backend)
     if name == 'auto':

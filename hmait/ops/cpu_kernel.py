@@ -16,9 +16,10 @@ The kernels register torch custom ops, opaque to ``torch.compile``:
   packed ``(B, N, 3, heads, d)`` projection, whose gradient the kernel writes in one piece (separate
   q, k, v views would have autograd stack three gradients into it, a full copy).
 
-* ``hmait::global_attention_cpu(q, k, v, scale) -> out``: the global heads (no mask) in the same layout,
-  q ``(B, Nq, heads, d)``, k and v ``(B, Nk, heads, d)``, head sizes 32 and 64, float32 / bfloat16 /
-  float16, forward only (:func:`global_attention_cpu`).
+* ``hmait::global_attention_cpu_fwd(q, k, v, scale) -> (out, lse)`` and
+  ``hmait::global_attention_cpu_bwd(grad_out, q, k, v, out, lse, scale) -> (grad_q, grad_k, grad_v)``: the
+  global heads (no mask) in the same layout, q ``(B, Nq, heads, d)``, k and v ``(B, Nk, heads, d)``, head
+  sizes 32 and 64, float32 / bfloat16 / float16 (:func:`global_attention_cpu`).
 
 Layout contract: q, k ``(B, N, heads, d)`` and v ``(B, N, heads, d_v)`` with any strides (the channel
 dimension should be contiguous, else it is copied), e.g. views of the qkv projection output reshaped
@@ -126,7 +127,10 @@ def _register_python_parts() -> None:
     torch.library.register_fake('hmait::masked_attention_cpu_qkv_bwd', _qkv_bwd_fake)
     torch.library.register_autograd('hmait::masked_attention_cpu_qkv_fwd', _qkv_backward,
                                     setup_context=_qkv_setup_context)
-    torch.library.register_fake('hmait::global_attention_cpu', _global_fake)
+    torch.library.register_fake('hmait::global_attention_cpu_fwd', _global_fwd_fake)
+    torch.library.register_fake('hmait::global_attention_cpu_bwd', _global_bwd_fake)
+    torch.library.register_autograd('hmait::global_attention_cpu_fwd', _global_backward,
+                                    setup_context=_global_setup_context)
 
 
 def _load(verbose: bool) -> tuple[bool, str]:
@@ -216,8 +220,25 @@ def _fwd_fake(q, k, v, h, w, num_prefix, mask_size, hard, scale):
     return q.new_empty(b, n, heads, v.shape[-1]), q.new_empty(b, heads, n, dtype=acc)
 
 
-def _global_fake(q, k, v, scale):
-    return q.new_empty(q.shape)
+def _global_fwd_fake(q, k, v, scale):
+    b, n, heads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty(b, heads, n, dtype=torch.float32)
+
+
+def _global_bwd_fake(grad_out, q, k, v, out, lse, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _global_setup_context(ctx, inputs, output):
+    _save(ctx, inputs[:3], inputs[3:], output)
+
+
+def _global_backward(ctx, grad_out, _grad_lse):
+    if grad_out is None:
+        return (None,) * 4
+    q, k, v, out, lse = ctx.saved_tensors
+    grad_q, grad_k, grad_v = torch.ops.hmait.global_attention_cpu_bwd(grad_out, q, k, v, out, lse, *ctx.config)
+    return grad_q, grad_k, grad_v, None
 
 
 def _gradient_like(t):
@@ -337,14 +358,13 @@ GLOBAL_HEAD_DIMS = (32, 64)
 
 def global_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """``softmax(scale q k^T) v`` of ``(B, heads, N, d)`` q and ``(B, heads, N_k, d)`` k, v through the C++
-    kernel: float32 logits and softmax, the output in the inputs' dtype (a transposed view of a new
-    token-major tensor, as :func:`masked_attention_cpu` returns). Head sizes 32 and 64; float32, bfloat16 and
-    float16. It has no backward: inputs that require gradients are refused (ValueError) while grad mode is on.
+    kernel, differentiable in q, k and v: float32 logits and softmax, the output in the inputs' dtype (a
+    transposed view of a new token-major tensor, as :func:`masked_attention_cpu` returns). The backward
+    recomputes the probabilities from the saved log-sum-exp, in float32. Head sizes 32 and 64; float32,
+    bfloat16 and float16.
     """
     _require()
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        raise ValueError('global_attention_cpu computes no gradients; call it under torch.no_grad() or '
-                         "torch.inference_mode(), or use hmait.ops.global_attention with backend 'auto'")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    out = torch.ops.hmait.global_attention_cpu(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale)
+    out, _ = torch.ops.hmait.global_attention_cpu_fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                      scale)
     return out.transpose(1, 2)

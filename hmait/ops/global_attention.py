@@ -9,10 +9,10 @@ docs/benchmarks.md). For long sequences flash is the faster one and keeps no ``(
 ``backend='auto'`` takes the matmuls only up to a token count and a logits count per dtype
 (larger when gradients are taken), on CPU, in eager mode: :mod:`hmait.ops.backends` holds those
 limits, makes the choice and says why.
-Without gradients, on CPU in eager mode, ``'auto'`` takes the C++ kernel of
-:mod:`hmait.ops.cpu_kernel` (``backend='cpu'``) where it is built: one pass per block of queries
-(float32 logits, softmax and weighted values, the bfloat16 dot product where the CPU has it), faster
-than both at every shape measured (docs/benchmarks.md). It has no backward, so training takes the others.
+On CPU in eager mode, ``'auto'`` takes the C++ kernel of :mod:`hmait.ops.cpu_kernel` (``backend='cpu'``)
+where it is built and the call has no bias or dropout: one pass per block of queries (float32 logits,
+softmax and weighted values, the bfloat16 dot product where the CPU has it) and a backward that
+recomputes the probabilities, faster than both at every shape measured (docs/benchmarks.md).
 Under ``torch.compile``, ``torch.export``, ONNX export and tracing it always takes SDPA, so that
 the traced graph does not depend on the sequence length. Every path is tested against the
 unmasked dense reference (``dense_attention_map(..., mode=None) @ v``), gradients included where it
@@ -50,7 +50,7 @@ def global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
     ``dropout_p`` drops attention probabilities (pass 0 in evaluation, as with SDPA).
     ``backend``: ``'auto'`` (:func:`hmait.ops.backends.choose_global` picks), ``'sdpa'``, ``'matmul'``, or
-    ``'cpu'``: the compiled C++ kernel (CPU, no gradients, no bias or dropout, head sizes 32 and 64).
+    ``'cpu'``: the compiled C++ kernel (CPU, no bias or dropout, head sizes 32 and 64).
     ``bias``: an optional float tensor added to the scaled logits, broadcastable to ``(B, heads, N, N_k)``
     (SDPA's float ``attn_mask``).
     Under autocast both backends compute in the autocast dtype, as SDPA does there.

@@ -243,28 +243,23 @@ Tensor masked_attention_cpu_qkv_bwd(const Tensor& grad_out, const Tensor& qkv, c
 
 // ---- the global heads ----
 
-// softmax(scale q k^T) v over every key: q (B, Nq, heads, d), k and v (B, Nk, heads, d), any strides with
-// contiguous channels -> a new contiguous (B, Nq, heads, d) tensor. Forward only (no autograd formula):
-// callers use it where no gradient is taken.
-Tensor global_attention_cpu(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, double scale) {
-  for (const auto& [name, t] : {std::pair<const char*, const Tensor&>{"q", q_in}, {"k", k_in}, {"v", v_in}}) {
-    TORCH_CHECK(t.dim() == 4, "global_attention_cpu: ", name, " must have shape (B, N, heads, d), got ", t.sizes());
-    TORCH_CHECK(t.device().is_cpu(), "global_attention_cpu: ", name, " must be a CPU tensor, got ", t.device());
-    TORCH_CHECK(t.scalar_type() == q_in.scalar_type(), "global_attention_cpu: q, k, v must share a dtype, got ",
-                q_in.scalar_type(), " and ", t.scalar_type(), " for ", name);
+void check_global_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor& v) {
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor&>{"q", q}, {"k", k}, {"v", v}}) {
+    TORCH_CHECK(t.dim() == 4, op, ": ", name, " must have shape (B, N, heads, d), got ", t.sizes());
+    TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+    TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": q, k, v must share a dtype, got ", q.scalar_type(),
+                " and ", t.scalar_type(), " for ", name);
   }
-  TORCH_CHECK(q_in.scalar_type() == at::kFloat || q_in.scalar_type() == at::kBFloat16 ||
-              q_in.scalar_type() == at::kHalf,
-              "global_attention_cpu: q, k, v must be float32, bfloat16 or float16, got ", q_in.scalar_type());
-  TORCH_CHECK(global_head_dim_supported(q_in.size(3)), "global_attention_cpu: the head size must be 32 or 64, got ",
-              q_in.size(3));
-  TORCH_CHECK(k_in.size(0) == q_in.size(0) && k_in.size(2) == q_in.size(2) && k_in.size(3) == q_in.size(3),
-              "global_attention_cpu: k must share (B, heads, d) with q ", q_in.sizes(), ", got ", k_in.sizes());
-  TORCH_CHECK(v_in.sizes() == k_in.sizes(), "global_attention_cpu: v must have the shape of k ", k_in.sizes(),
-              ", got ", v_in.sizes());
-  TORCH_CHECK(k_in.size(1) > 0 || q_in.size(1) == 0, "global_attention_cpu: no keys for ", q_in.size(1), " queries");
-  const Tensor q = channels_contiguous(q_in), k = channels_contiguous(k_in), v = channels_contiguous(v_in);
-  Tensor out = at::empty(q.sizes(), q.options());
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+              op, ": q, k, v must be float32, bfloat16 or float16, got ", q.scalar_type());
+  TORCH_CHECK(global_head_dim_supported(q.size(3)), op, ": the head size must be 32 or 64, got ", q.size(3));
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2) && k.size(3) == q.size(3), op,
+              ": k must share (B, heads, d) with q ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), op, ": v must have the shape of k ", k.sizes(), ", got ", v.sizes());
+  TORCH_CHECK(k.size(1) > 0 || q.size(1) == 0, op, ": no keys for ", q.size(1), " queries");
+}
+
+Args global_args(const Tensor& q, const Tensor& k, const Tensor& v, double scale) {
   Args args;
   args.dtype = dtype_of(q);
   args.batch = q.size(0);
@@ -275,14 +270,62 @@ Tensor global_attention_cpu(const Tensor& q_in, const Tensor& k_in, const Tensor
   args.q = view_of(q);
   args.k = view_of(k);
   args.v = view_of(v);
-  args.out = view_of(out);
   args.queries = q.size(1);
   args.keys = k.size(1);
   args.global_chunk = global_chunk(args.batch * args.heads, args.queries);
-  if (args.queries == 0) return out;
+  return args;
+}
+
+// softmax(scale q k^T) v over every key: q (B, Nq, heads, d), k and v (B, Nk, heads, d), any strides with
+// contiguous channels -> a new contiguous (B, Nq, heads, d) output and the float32 log-sum-exp of each
+// query's logits, (B, heads, Nq), which the backward reads.
+std::tuple<Tensor, Tensor> global_attention_cpu_fwd(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                                                    double scale) {
+  check_global_inputs("global_attention_cpu_fwd", q_in, k_in, v_in);
+  const Tensor q = channels_contiguous(q_in), k = channels_contiguous(k_in), v = channels_contiguous(v_in);
+  Tensor out = at::empty(q.sizes(), q.options());
+  Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  Args args = global_args(q, k, v, scale);
+  args.out = view_of(out);
+  args.lse = lse.data_ptr();
+  if (args.queries == 0) return {out, lse};
   const int64_t chunks = (args.queries + args.global_chunk - 1) / args.global_chunk;
   run_stage(kernel_for(current_isa().load()), Stage::kGlobalForward, args, args.batch * args.heads * chunks, 1);
-  return out;
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> global_attention_cpu_bwd(const Tensor& grad_out_in, const Tensor& q_in,
+                                                            const Tensor& k_in, const Tensor& v_in,
+                                                            const Tensor& out_in, const Tensor& lse_in,
+                                                            double scale) {
+  check_global_inputs("global_attention_cpu_bwd", q_in, k_in, v_in);
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor&>{"grad_out", grad_out_in}, {"out", out_in}}) {
+    TORCH_CHECK(t.sizes() == q_in.sizes(), "global_attention_cpu_bwd: ", name, " must have the shape of q ",
+                q_in.sizes(), ", got ", t.sizes());
+  }
+  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == q_in.size(0) && lse_in.size(1) == q_in.size(2) &&
+              lse_in.size(2) == q_in.size(1), "global_attention_cpu_bwd: lse must have shape (B, heads, Nq), got ",
+              lse_in.sizes());
+  const Tensor q = channels_contiguous(q_in), k = channels_contiguous(k_in), v = channels_contiguous(v_in);
+  const Tensor grad_out = channels_contiguous(grad_out_in.to(q.scalar_type()));
+  const Tensor out = channels_contiguous(out_in.to(q.scalar_type()));
+  const Tensor lse = lse_in.to(at::kFloat).contiguous();
+  Tensor grad_q = at::empty(q.sizes(), q.options()), grad_k = at::empty(k.sizes(), k.options()),
+         grad_v = at::empty(v.sizes(), v.options());
+  Args args = global_args(q, k, v, scale);
+  args.out = view_of(out);
+  args.grad_out = view_of(grad_out);
+  args.lse = const_cast<void*>(lse.data_ptr());
+  args.grad_q = view_of(grad_q);
+  args.grad_k = view_of(grad_k);
+  args.grad_v = view_of(grad_v);
+  if (args.queries == 0) {
+    grad_k.zero_();
+    grad_v.zero_();
+    return {grad_q, grad_k, grad_v};
+  }
+  run_stage(kernel_for(current_isa().load()), Stage::kGlobalBackward, args, args.batch * args.heads, 1);
+  return {grad_q, grad_k, grad_v};
 }
 
 }  // namespace
@@ -302,7 +345,11 @@ TORCH_LIBRARY_FRAGMENT(hmait, m) {
   m.def("masked_attention_cpu_qkv_bwd(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, SymInt h, SymInt w, "
         "int num_prefix, int mask_size, bool hard, float scale) -> Tensor",
         {at::Tag::pt2_compliant_tag});
-  m.def("global_attention_cpu(Tensor q, Tensor k, Tensor v, float scale) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def("global_attention_cpu_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
+  m.def("global_attention_cpu_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "float scale) -> (Tensor, Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
   m.def("masked_attention_cpu_isa(str requested='') -> str", &hmait_cpu::select_isa);
 }
 
@@ -311,5 +358,6 @@ TORCH_LIBRARY_IMPL(hmait, CPU, m) {
   m.impl("masked_attention_cpu_bwd", &hmait_cpu::masked_attention_cpu_bwd);
   m.impl("masked_attention_cpu_qkv_fwd", &hmait_cpu::masked_attention_cpu_qkv_fwd);
   m.impl("masked_attention_cpu_qkv_bwd", &hmait_cpu::masked_attention_cpu_qkv_bwd);
-  m.impl("global_attention_cpu", &hmait_cpu::global_attention_cpu);
+  m.impl("global_attention_cpu_fwd", &hmait_cpu::global_attention_cpu_fwd);
+  m.impl("global_attention_cpu_bwd", &hmait_cpu::global_attention_cpu_bwd);
 }

@@ -61,8 +61,10 @@ enum class Stage : int {
   kBackwardPrefixQuery = 6,  // items: (b, head, prefix) -> grad_q of the prefix queries
   kBackwardPrefixKey = 7,    // items: (b, head, prefix) -> grad_k / grad_v of the prefix keys
   kValueSum = 8,             // items: (b, head)            -> value_sum = sum of the grid values (hard)
-  // The global heads (no mask), forward only: items (b, head, chunk of global_chunk queries) -> out.
+  // The global heads (no mask): items (b, head, chunk of global_chunk queries) -> out and, where lse is
+  // set, the log-sum-exp of each query's logits; the backward: items (b, head) -> grad_q, grad_k, grad_v.
   kGlobalForward = 9,
+  kGlobalBackward = 10,
 };
 
 using KernelFn = void (*)(Stage stage, const Args& args, int64_t begin, int64_t end);

@@ -1081,6 +1081,7 @@ struct MaskedKernel {
       case Stage::kBackwardPrefixKey: backward_prefix_key(begin, end); break;
       case Stage::kValueSum: value_sum_stage(begin, end); break;
       case Stage::kGlobalForward: break;  // GlobalKernel
+      case Stage::kGlobalBackward: break;  // GlobalBackward
     }
   }
 };
@@ -1193,7 +1194,9 @@ struct GlobalKernel {
     float inverse[Q];
     for (int u = 0; u < Q; ++u) {
       float m;
-      inverse[u] = 1.0f / exp_normalise(rows + u * keys_padded, nk, -std::numeric_limits<float>::infinity(), m);
+      const float sum = exp_normalise(rows + u * keys_padded, nk, -std::numeric_limits<float>::infinity(), m);
+      inverse[u] = 1.0f / sum;
+      if (a.lse != nullptr) static_cast<float*>(a.lse)[(b * heads + head) * nq + i + u] = m + std::log(sum);
     }
     V out[Q][kRowVectors];
     for (int u = 0; u < Q; ++u)
@@ -1258,12 +1261,180 @@ struct GlobalKernel {
   }
 };
 
+// The backward of GlobalKernel, one (b, head) per work item, in float32 whatever the input dtype. Per
+// block of kBlock queries it recomputes the probabilities p from the logits and the forward's
+// log-sum-exp, then, with dp_ij = grad_out_i . v_j and ds_ij = p_ij (dp_ij - grad_out_i . out_i):
+// grad_q_i = scale sum_j ds_ij k_j, and it adds scale ds_ij q_i to grad_k_j and p_ij grad_out_i to
+// grad_v_j in float32 accumulators that the item writes out at its end. Keys and values are packed
+// channel-major (for the logits and dp, as the forward's keys) and the keys also row by row (for grad_q).
+template <typename T, int64_t D>
+struct GlobalBackward {
+  using Tr = Traits<T>;
+  using S = typename Tr::storage;
+  using V = VecFloat;
+  static constexpr int64_t lanes = HMAIT_VECTOR_BYTES / sizeof(float);
+  static constexpr int64_t kRowVectors = D / lanes;
+  static constexpr int kBlock = 4;
+  static_assert(D % lanes == 0, "the head size is a whole number of vectors");
+
+  const Args& a;
+  const int64_t heads, nq, nk, keys_padded, key_stride;
+  const float scale;
+
+  explicit GlobalBackward(const Args& args)
+      : a(args), heads(args.heads), nq(args.queries), nk(args.keys), keys_padded(padded(args.keys)),
+        key_stride(padded(args.keys) + lanes), scale(float(args.scale)) {}
+
+  const S* at(const View& view, int64_t b, int64_t token, int64_t head) const {
+    return static_cast<const S*>(view.data) + b * view.stride_b + token * view.stride_n + head * view.stride_h;
+  }
+  S* at_mut(const View& view, int64_t b, int64_t token, int64_t head) const {
+    return const_cast<S*>(at(view, b, token, head));
+  }
+
+  static HMAIT_INLINE void load_row(const S* p, V* x) {
+    for (int64_t t = 0; t < kRowVectors; ++t) x[t] = Tr::load_lanes(p + t * lanes);
+  }
+
+  // rows[u][j] = x_u . (column j of the channel-major packed), for the Q rows x (float32, D each).
+  template <int Q>
+  HMAIT_INLINE void products(const float* x, const float* packed, float* rows) const {
+    for (int64_t kb = 0; kb < keys_padded; kb += lanes) {
+      V acc[Q];
+      for (int u = 0; u < Q; ++u) acc[u] = V{};
+      for (int64_t c = 0; c < D; ++c) {
+        const V column = load_vector<V>(packed + c * key_stride + kb);
+        for (int u = 0; u < Q; ++u) acc[u] += x[u * D + c] * column;
+      }
+      for (int u = 0; u < Q; ++u) store_vector(rows + u * keys_padded + kb, acc[u]);
+    }
+  }
+
+  template <int Q>
+  HMAIT_INLINE void block(int64_t b, int64_t head, int64_t i, const float* keys_t, const float* values_t,
+                          const float* key_rows, float* grad_keys, float* grad_values, float* x, float* rows,
+                          float* rows2) const {
+    const float* lse = static_cast<const float*>(a.lse) + (b * heads + head) * nq + i;
+    float* query = x;                // Q rows: q (unscaled)
+    float* grad_out = x + Q * D;     // Q rows: grad_out
+    float delta[Q];
+    for (int u = 0; u < Q; ++u) {
+      V q[kRowVectors], go[kRowVectors], o[kRowVectors];
+      load_row(at(a.q, b, i + u, head), q);
+      load_row(at(a.grad_out, b, i + u, head), go);
+      load_row(at(a.out, b, i + u, head), o);
+      V dot = {};
+      for (int64_t t = 0; t < kRowVectors; ++t) {
+        store_vector(query + u * D + t * lanes, q[t]);
+        store_vector(grad_out + u * D + t * lanes, go[t]);
+        dot += go[t] * o[t];
+      }
+      delta[u] = HorizontalSum<float, HMAIT_VECTOR_BYTES>::run(dot);
+    }
+    products<Q>(query, keys_t, rows);        // q . k (unscaled)
+    products<Q>(grad_out, values_t, rows2);  // grad_out . v
+    // rows: p = exp(scale q . k - lse); rows2: scale ds = scale p (dp - delta). Padding keys are never read below.
+    for (int u = 0; u < Q; ++u) {
+      for (int64_t kb = 0; kb < keys_padded; kb += lanes) {
+        const V p = exp_lanes(load_vector<V>(rows + u * keys_padded + kb) * scale - lse[u]);
+        store_vector(rows + u * keys_padded + kb, p);
+        store_vector(rows2 + u * keys_padded + kb,
+                     p * (load_vector<V>(rows2 + u * keys_padded + kb) - delta[u]) * scale);
+      }
+    }
+    // grad_q_u = sum_j scale ds_uj k_j.
+    V grad_q[Q][kRowVectors];
+    for (int u = 0; u < Q; ++u)
+      for (int64_t t = 0; t < kRowVectors; ++t) grad_q[u][t] = V{};
+    for (int64_t j = 0; j < nk; ++j) {
+      V k[kRowVectors];
+      for (int64_t t = 0; t < kRowVectors; ++t) k[t] = load_vector<V>(key_rows + j * D + t * lanes);
+      for (int u = 0; u < Q; ++u) {
+        const V ds = V{} + rows2[u * keys_padded + j];
+        for (int64_t t = 0; t < kRowVectors; ++t) grad_q[u][t] += ds * k[t];
+      }
+    }
+    for (int u = 0; u < Q; ++u) {
+      S* out = at_mut(a.grad_q, b, i + u, head);
+      for (int64_t t = 0; t < kRowVectors; ++t) Tr::store_lanes(out + t * lanes, grad_q[u][t]);
+    }
+    // grad_k_j += sum_u scale ds_uj q_u, grad_v_j += sum_u p_uj grad_out_u; the block's rows in registers.
+    V qv[Q][kRowVectors], gov[Q][kRowVectors];
+    for (int u = 0; u < Q; ++u)
+      for (int64_t t = 0; t < kRowVectors; ++t) {
+        qv[u][t] = load_vector<V>(query + u * D + t * lanes);
+        gov[u][t] = load_vector<V>(grad_out + u * D + t * lanes);
+      }
+    for (int64_t j = 0; j < nk; ++j) {
+      V gk[kRowVectors], gv[kRowVectors];
+      for (int64_t t = 0; t < kRowVectors; ++t) {
+        gk[t] = load_vector<V>(grad_keys + j * D + t * lanes);
+        gv[t] = load_vector<V>(grad_values + j * D + t * lanes);
+      }
+      for (int u = 0; u < Q; ++u) {
+        const V ds = V{} + rows2[u * keys_padded + j], p = V{} + rows[u * keys_padded + j];
+        for (int64_t t = 0; t < kRowVectors; ++t) {
+          gk[t] += ds * qv[u][t];
+          gv[t] += p * gov[u][t];
+        }
+      }
+      for (int64_t t = 0; t < kRowVectors; ++t) {
+        store_vector(grad_keys + j * D + t * lanes, gk[t]);
+        store_vector(grad_values + j * D + t * lanes, gv[t]);
+      }
+    }
+  }
+
+  void backward(int64_t begin, int64_t end) const {
+    std::vector<float> keys_t(D * key_stride), values_t(D * key_stride), key_rows(nk * D), grad_keys(nk * D),
+        grad_values(nk * D), x(2 * kBlock * D), rows(kBlock * keys_padded), rows2(kBlock * keys_padded);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / heads, head = bh % heads;
+      for (int64_t j = 0; j < keys_padded; ++j) {
+        V k[kRowVectors], v[kRowVectors];
+        if (j < nk) {
+          load_row(at(a.k, b, j, head), k);
+          load_row(at(a.v, b, j, head), v);
+          for (int64_t t = 0; t < kRowVectors; ++t) store_vector(key_rows.data() + j * D + t * lanes, k[t]);
+        } else {
+          for (int64_t t = 0; t < kRowVectors; ++t) k[t] = v[t] = V{};
+        }
+        for (int64_t t = 0; t < kRowVectors; ++t)
+          for (int64_t l = 0; l < lanes; ++l) {
+            keys_t[(t * lanes + l) * key_stride + j] = k[t][l];
+            values_t[(t * lanes + l) * key_stride + j] = v[t][l];
+          }
+      }
+      std::fill(grad_keys.begin(), grad_keys.end(), 0.0f);
+      std::fill(grad_values.begin(), grad_values.end(), 0.0f);
+      int64_t i = 0;
+      for (; i + kBlock <= nq; i += kBlock)
+        block<kBlock>(b, head, i, keys_t.data(), values_t.data(), key_rows.data(), grad_keys.data(),
+                      grad_values.data(), x.data(), rows.data(), rows2.data());
+      for (; i < nq; ++i)
+        block<1>(b, head, i, keys_t.data(), values_t.data(), key_rows.data(), grad_keys.data(), grad_values.data(),
+                 x.data(), rows.data(), rows2.data());
+      for (int64_t j = 0; j < nk; ++j) {
+        S* gk = at_mut(a.grad_k, b, j, head);
+        S* gv = at_mut(a.grad_v, b, j, head);
+        for (int64_t t = 0; t < kRowVectors; ++t) {
+          Tr::store_lanes(gk + t * lanes, load_vector<V>(grad_keys.data() + j * D + t * lanes));
+          Tr::store_lanes(gv + t * lanes, load_vector<V>(grad_values.data() + j * D + t * lanes));
+        }
+      }
+    }
+  }
+};
+
 template <typename T>
-inline void run_global(const Args& args, int64_t begin, int64_t end) {
+inline void run_global(Stage stage, const Args& args, int64_t begin, int64_t end) {
+  const bool backward = stage == Stage::kGlobalBackward;
   if (args.head_dim == 32 && args.value_dim == 32) {
-    GlobalKernel<T, 32>(args).forward(begin, end);
+    if (backward) GlobalBackward<T, 32>(args).backward(begin, end);
+    else GlobalKernel<T, 32>(args).forward(begin, end);
   } else if (args.head_dim == 64 && args.value_dim == 64) {
-    GlobalKernel<T, 64>(args).forward(begin, end);
+    if (backward) GlobalBackward<T, 64>(args).backward(begin, end);
+    else GlobalKernel<T, 64>(args).forward(begin, end);
   }
 }
 
@@ -1280,11 +1451,11 @@ inline void run_typed(Stage stage, const Args& args, int64_t begin, int64_t end)
 }
 
 inline void run(Stage stage, const Args& args, int64_t begin, int64_t end) {
-  if (stage == Stage::kGlobalForward) {  // float32, bfloat16, float16 (the op layer refuses float64)
+  if (stage == Stage::kGlobalForward || stage == Stage::kGlobalBackward) {  // the op layer refuses float64
     switch (args.dtype) {
-      case DType::kFloat32: run_global<float>(args, begin, end); break;
-      case DType::kBFloat16: run_global<BFloat16Tag>(args, begin, end); break;
-      case DType::kFloat16: run_global<Float16Tag>(args, begin, end); break;
+      case DType::kFloat32: run_global<float>(stage, args, begin, end); break;
+      case DType::kBFloat16: run_global<BFloat16Tag>(stage, args, begin, end); break;
+      case DType::kFloat16: run_global<Float16Tag>(stage, args, begin, end); break;
       case DType::kFloat64: break;
     }
     return;
