@@ -122,15 +122,16 @@ def _register_python_parts() -> None:
     """Fake (meta) kernels for torch.compile and the autograd formula of the forward op."""
     torch.library.register_fake('hmait::masked_attention_cpu_fwd', _fwd_fake)
     torch.library.register_fake('hmait::masked_attention_cpu_bwd', _bwd_fake)
-    torch.library.register_autograd('hmait::masked_attention_cpu_fwd', _backward, setup_context=_setup_context)
+    torch.library.register_autograd('hmait::masked_attention_cpu_fwd', _backward_of('masked_attention_cpu_bwd', 9),
+                                    setup_context=_setup_context)
     torch.library.register_fake('hmait::masked_attention_cpu_qkv_fwd', _qkv_fwd_fake)
     torch.library.register_fake('hmait::masked_attention_cpu_qkv_bwd', _qkv_bwd_fake)
     torch.library.register_autograd('hmait::masked_attention_cpu_qkv_fwd', _qkv_backward,
                                     setup_context=_qkv_setup_context)
     torch.library.register_fake('hmait::global_attention_cpu_fwd', _global_fwd_fake)
     torch.library.register_fake('hmait::global_attention_cpu_bwd', _global_bwd_fake)
-    torch.library.register_autograd('hmait::global_attention_cpu_fwd', _global_backward,
-                                    setup_context=_global_setup_context)
+    torch.library.register_autograd('hmait::global_attention_cpu_fwd', _backward_of('global_attention_cpu_bwd', 4),
+                                    setup_context=_setup_context)
 
 
 def _load(verbose: bool) -> tuple[bool, str]:
@@ -229,18 +230,6 @@ def _global_bwd_fake(grad_out, q, k, v, out, lse, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _global_setup_context(ctx, inputs, output):
-    _save(ctx, inputs[:3], inputs[3:], output)
-
-
-def _global_backward(ctx, grad_out, _grad_lse):
-    if grad_out is None:
-        return (None,) * 4
-    q, k, v, out, lse = ctx.saved_tensors
-    grad_q, grad_k, grad_v = torch.ops.hmait.global_attention_cpu_bwd(grad_out, q, k, v, out, lse, *ctx.config)
-    return grad_q, grad_k, grad_v, None
-
-
 def _gradient_like(t):
     """The kernel's gradient layout: like t where t is dense with contiguous channels, else contiguous."""
     g = torch.empty_like(t)
@@ -272,12 +261,16 @@ def _setup_context(ctx, inputs, output):
     _save(ctx, inputs[:3], inputs[3:], output)
 
 
-def _backward(ctx, grad_out, _grad_lse):
-    if grad_out is None:
-        return (None,) * 9
-    q, k, v, out, lse = ctx.saved_tensors
-    grad_q, grad_k, grad_v = torch.ops.hmait.masked_attention_cpu_bwd(grad_out, q, k, v, out, lse, *ctx.config)
-    return grad_q, grad_k, grad_v, None, None, None, None, None, None
+def _backward_of(op_name: str, num_inputs: int):
+    """The autograd formula of a forward op ``(q, k, v, *config) -> (out, lse)`` whose backward op is
+    ``hmait::<op_name>(grad_out, q, k, v, out, lse, *config) -> (grad_q, grad_k, grad_v)``."""
+    def backward(ctx, grad_out, _grad_lse):
+        if grad_out is None:
+            return (None,) * num_inputs
+        q, k, v, out, lse = ctx.saved_tensors
+        grads = getattr(torch.ops.hmait, op_name)(grad_out, q, k, v, out, lse, *ctx.config)
+        return (*grads, *(None,) * (num_inputs - 3))
+    return backward
 
 
 def _qkv_setup_context(ctx, inputs, output):

@@ -1098,26 +1098,22 @@ struct MaskedKernel {
 // are those of float32 arithmetic on the same inputs. The values are then packed as pairs of keys, and
 // the probabilities rounded to bfloat16 (as flash attention and the matmul path do for bfloat16
 // inputs), so that one instruction adds two keys' weighted values. Everything else is float32.
+// What the global heads' forward and backward share: the sizes, and rows (b, token, head) of the tensors.
 template <typename T, int64_t D>
-struct GlobalKernel {
+struct GlobalShape {
   using Tr = Traits<T>;
   using S = typename Tr::storage;
   using V = VecFloat;
   static constexpr int64_t lanes = HMAIT_VECTOR_BYTES / sizeof(float);
   static constexpr int64_t kRowVectors = D / lanes;
   static constexpr int kBlock = 4;
-#ifdef HMAIT_BF16_DOT
-  static constexpr bool kPairs = std::is_same<T, BFloat16Tag>::value;
-#else
-  static constexpr bool kPairs = false;
-#endif
   static_assert(D % lanes == 0, "the head size is a whole number of vectors");
 
   const Args& a;
   const int64_t heads, nq, nk, keys_padded, key_stride;
   const float scale;
 
-  explicit GlobalKernel(const Args& args)
+  explicit GlobalShape(const Args& args)
       : a(args), heads(args.heads), nq(args.queries), nk(args.keys), keys_padded(padded(args.keys)),
         // One vector more than the padded keys: rows of the packed keys a power of two apart would share
         // cache sets (1024 keys took twice the time of 784 without it).
@@ -1126,6 +1122,39 @@ struct GlobalKernel {
   const S* at(const View& view, int64_t b, int64_t token, int64_t head) const {
     return static_cast<const S*>(view.data) + b * view.stride_b + token * view.stride_n + head * view.stride_h;
   }
+  S* at_mut(const View& view, int64_t b, int64_t token, int64_t head) const {
+    return const_cast<S*>(at(view, b, token, head));
+  }
+};
+
+// The members of GlobalShape, named in a class template that derives from it.
+#define HMAIT_GLOBAL_SHAPE_MEMBERS                                                                     \
+  using Base = GlobalShape<T, D>;                                                                      \
+  using typename Base::Tr;                                                                             \
+  using typename Base::S;                                                                              \
+  using typename Base::V;                                                                              \
+  using Base::lanes;                                                                                   \
+  using Base::kRowVectors;                                                                             \
+  using Base::kBlock;                                                                                  \
+  using Base::a;                                                                                       \
+  using Base::heads;                                                                                   \
+  using Base::nq;                                                                                      \
+  using Base::nk;                                                                                      \
+  using Base::keys_padded;                                                                             \
+  using Base::key_stride;                                                                              \
+  using Base::scale;                                                                                   \
+  using Base::at;                                                                                      \
+  using Base::at_mut;                                                                                  \
+  using Base::Base;
+
+template <typename T, int64_t D>
+struct GlobalKernel : GlobalShape<T, D> {
+  HMAIT_GLOBAL_SHAPE_MEMBERS
+#ifdef HMAIT_BF16_DOT
+  static constexpr bool kPairs = std::is_same<T, BFloat16Tag>::value;
+#else
+  static constexpr bool kPairs = false;
+#endif
 
   // The keys and values of (b, head) into the packed buffers.
   void pack(int64_t b, int64_t head, float* keys, uint32_t* key_pairs, float* values) const {
@@ -1230,7 +1259,7 @@ struct GlobalKernel {
       }
     }
     for (int u = 0; u < Q; ++u) {
-      S* o = const_cast<S*>(at(a.out, b, i + u, head));
+      S* o = at_mut(a.out, b, i + u, head);
       for (int64_t t = 0; t < kRowVectors; ++t) Tr::store_lanes(o + t * lanes, out[u][t] * inverse[u]);
     }
   }
@@ -1268,29 +1297,8 @@ struct GlobalKernel {
 // grad_v_j in float32 accumulators that the item writes out at its end. Keys and values are packed
 // channel-major (for the logits and dp, as the forward's keys) and the keys also row by row (for grad_q).
 template <typename T, int64_t D>
-struct GlobalBackward {
-  using Tr = Traits<T>;
-  using S = typename Tr::storage;
-  using V = VecFloat;
-  static constexpr int64_t lanes = HMAIT_VECTOR_BYTES / sizeof(float);
-  static constexpr int64_t kRowVectors = D / lanes;
-  static constexpr int kBlock = 4;
-  static_assert(D % lanes == 0, "the head size is a whole number of vectors");
-
-  const Args& a;
-  const int64_t heads, nq, nk, keys_padded, key_stride;
-  const float scale;
-
-  explicit GlobalBackward(const Args& args)
-      : a(args), heads(args.heads), nq(args.queries), nk(args.keys), keys_padded(padded(args.keys)),
-        key_stride(padded(args.keys) + lanes), scale(float(args.scale)) {}
-
-  const S* at(const View& view, int64_t b, int64_t token, int64_t head) const {
-    return static_cast<const S*>(view.data) + b * view.stride_b + token * view.stride_n + head * view.stride_h;
-  }
-  S* at_mut(const View& view, int64_t b, int64_t token, int64_t head) const {
-    return const_cast<S*>(at(view, b, token, head));
-  }
+struct GlobalBackward : GlobalShape<T, D> {
+  HMAIT_GLOBAL_SHAPE_MEMBERS
 
   static HMAIT_INLINE void load_row(const S* p, V* x) {
     for (int64_t t = 0; t < kRowVectors; ++t) x[t] = Tr::load_lanes(p + t * lanes);
@@ -1425,6 +1433,8 @@ struct GlobalBackward {
     }
   }
 };
+
+#undef HMAIT_GLOBAL_SHAPE_MEMBERS
 
 template <typename T>
 inline void run_global(Stage stage, const Args& args, int64_t begin, int64_t end) {
