@@ -12,7 +12,8 @@ gradient are those the model sees. Paths (on a ``side x side`` grid):
 * ``dense-hard``: the O(N^2) reference :func:`hmait.ops.dense_masked_attention`;
 * ``sdpa-global``: ``scaled_dot_product_attention`` over all tokens, what a global head costs;
 * ``global-matmul``: the same by two matmuls and a softmax (:func:`hmait.ops.global_attention` with
-  ``backend='matmul'``), which the global heads take on CPU for short sequences when training;
+  ``backend='matmul'``), which the global heads take on CPU for short sequences where the kernel below
+  does not run;
 * ``global-cpu``: the same by the C++ kernel (``backend='cpu'``), which they take on CPU.
 
 Paths are timed alternately and peak memory is that of one call, both with

@@ -310,13 +310,10 @@ def choose_masked(q: torch.Tensor, v_dim: int, mode: str, backend: str = 'auto')
 # The global heads
 
 
-def _gradients_taken(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _check_global_cpu(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, bias: bool,
                       dropout_p: float) -> str | None:
-    """Why the C++ kernel of the global heads (hmait::global_attention_cpu) cannot run this call, or None."""
+    """Why the C++ kernel of the global heads (hmait::global_attention_cpu_fwd / _bwd) cannot run this call,
+    or None."""
     from .cpu_kernel import GLOBAL_DTYPES, GLOBAL_HEAD_DIMS
 
     if q.device.type != 'cpu':
@@ -345,8 +342,9 @@ def _auto_global(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None
         return Choice('sdpa', f'a {q.device.type} tensor: the matmul limits are for CPUs')
     if exporting() or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return Choice('sdpa', 'traced: a graph that does not depend on the sequence length')
-    # The C++ kernel wherever it runs: faster than the matmuls and SDPA at every shape measured, from 49 to
-    # 4,200 keys, forward and backward (docs/benchmarks.md); like flash attention it keeps no logits map.
+    # The C++ kernel wherever it runs (docs/benchmarks.md): in evaluation faster than the matmuls and SDPA at
+    # every shape measured, from 49 to 4,200 keys; in training level with the matmuls in bf16 and faster in
+    # fp32; like flash attention it keeps no logits map.
     reason = _check_global_cpu(q, k, v, bias, dropout_p)
     if reason is None:
         return Choice('cpu', 'on CPU: the compiled C++ kernel of the global heads')
@@ -357,7 +355,7 @@ def _auto_global(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None
         return Choice('sdpa', "this CPU has no native bfloat16 matmuls (oneDNN's bf16 support: AVX-512 or AMX)")
     if q.shape[-1] > MATMUL_MAX_HEAD_DIM:
         return Choice('sdpa', f'head size {q.shape[-1]} > {MATMUL_MAX_HEAD_DIM}')
-    grad = _gradients_taken(q, k, v)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v))
     phase = 'train' if grad else 'eval'
     max_tokens, max_logits = limits[phase]
     n, n_keys = q.shape[-2], q.shape[-2] if k is None else k.shape[-2]

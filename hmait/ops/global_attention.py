@@ -12,7 +12,8 @@ limits, makes the choice and says why.
 On CPU in eager mode, ``'auto'`` takes the C++ kernel of :mod:`hmait.ops.cpu_kernel` (``backend='cpu'``)
 where it is built and the call has no bias or dropout: one pass per block of queries (float32 logits,
 softmax and weighted values, the bfloat16 dot product where the CPU has it) and a backward that
-recomputes the probabilities, faster than both at every shape measured (docs/benchmarks.md).
+recomputes the probabilities. Measured (docs/benchmarks.md): faster than both in evaluation at every
+shape; in training level with the matmuls in bf16 and faster than both in fp32, keeping no logits map.
 Under ``torch.compile``, ``torch.export``, ONNX export and tracing it always takes SDPA, so that
 the traced graph does not depend on the sequence length. Every path is tested against the
 unmasked dense reference (``dense_attention_map(..., mode=None) @ v``), gradients included where it
