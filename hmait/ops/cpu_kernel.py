@@ -344,7 +344,8 @@ def masked_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw, 
     return out.transpose(1, 2)
 
 
-# The dtypes and head sizes of the global heads' kernel (hmait::global_attention_cpu).
+# The dtypes and head sizes of the global heads' kernel (hmait::global_attention_cpu_fwd / _bwd; the op
+# layer's check_global_inputs refuses the others).
 GLOBAL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GLOBAL_HEAD_DIMS = (32, 64)
 

@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <iterator>
 #include <string>
 #include <tuple>
 
@@ -50,7 +51,7 @@ std::string select_isa(c10::string_view requested) {
     current_isa() = best_isa();
   } else if (!name.empty()) {
     int isa = -1;
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < int(std::size(kIsaNames)); ++i)
       if (name == kIsaNames[i]) isa = i;
     TORCH_CHECK(isa >= 0, "masked_attention_cpu_isa: requested must be '', 'best', 'default', 'avx2', 'avx512' or 'avx512_bf16', "
                 "got '", name, "'");

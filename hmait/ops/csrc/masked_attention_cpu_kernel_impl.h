@@ -1125,6 +1125,45 @@ struct GlobalShape {
   S* at_mut(const View& view, int64_t b, int64_t token, int64_t head) const {
     return const_cast<S*>(at(view, b, token, head));
   }
+
+  // rows[u][j] = x_u . (column j of the channel-major packed), for the Q rows x (float32, D each).
+  template <int Q>
+  HMAIT_INLINE void products(const float* x, const float* packed, float* rows) const {
+    for (int64_t kb = 0; kb < keys_padded; kb += lanes) {
+      V acc[Q];
+      for (int u = 0; u < Q; ++u) acc[u] = V{};
+      for (int64_t c = 0; c < D; ++c) {
+        const V column = load_vector<V>(packed + c * key_stride + kb);
+        for (int u = 0; u < Q; ++u) acc[u] += x[u * D + c] * column;
+      }
+      for (int u = 0; u < Q; ++u) store_vector(rows + u * keys_padded + kb, acc[u]);
+    }
+  }
+
+  // sum[u] = sum_j weights[u][j] packed_j over the nk rows of packed (float32, D each).
+  template <int Q>
+  HMAIT_INLINE void weighted_sum(const float* weights, const float* packed, V (*sum)[kRowVectors]) const {
+    for (int u = 0; u < Q; ++u)
+      for (int64_t t = 0; t < kRowVectors; ++t) sum[u][t] = V{};
+    for (int64_t j = 0; j < nk; ++j) {
+      V row[kRowVectors];
+      for (int64_t t = 0; t < kRowVectors; ++t) row[t] = load_vector<V>(packed + j * D + t * lanes);
+      for (int u = 0; u < Q; ++u) {
+        const V w = V{} + weights[u * keys_padded + j];
+        for (int64_t t = 0; t < kRowVectors; ++t) sum[u][t] += w * row[t];
+      }
+    }
+  }
+
+  // Rows i .. i + Q of (b, head) in view = factor[u] * rows[u], in the storage type.
+  template <int Q>
+  HMAIT_INLINE void store_rows(const View& view, int64_t b, int64_t i, int64_t head, const V (*rows)[kRowVectors],
+                               const float* factor) const {
+    for (int u = 0; u < Q; ++u) {
+      S* dst = at_mut(view, b, i + u, head);
+      for (int64_t t = 0; t < kRowVectors; ++t) Tr::store_lanes(dst + t * lanes, rows[u][t] * factor[u]);
+    }
+  }
 };
 
 // The members of GlobalShape, named in a class template that derives from it.
@@ -1201,24 +1240,20 @@ struct GlobalKernel : GlobalShape<T, D> {
         for (int64_t c = 0; c < D; ++c) query[u * D + c] = scale * Tr::load(q[c]);
       }
     }
-    for (int64_t kb = 0; kb < keys_padded; kb += lanes) {
-      V acc[Q];
-      for (int u = 0; u < Q; ++u) acc[u] = V{};
-      if constexpr (kPairs) {
+    if constexpr (kPairs) {
 #ifdef HMAIT_BF16_DOT
+      for (int64_t kb = 0; kb < keys_padded; kb += lanes) {
+        V acc[Q];
+        for (int u = 0; u < Q; ++u) acc[u] = V{};
         for (int64_t c = 0; c < D / 2; ++c) {
           const VecBits32 k = load_vector<VecBits32>(key_pairs + c * key_stride + kb);
           for (int u = 0; u < Q; ++u) acc[u] = HMAIT_BF16_DOT(acc[u], VecBits32{} + query_pairs[u * D + c], k);
         }
-        for (int u = 0; u < Q; ++u) acc[u] *= scale;
-#endif
-      } else {
-        for (int64_t c = 0; c < D; ++c) {
-          const V k = load_vector<V>(keys + c * key_stride + kb);
-          for (int u = 0; u < Q; ++u) acc[u] += query[u * D + c] * k;
-        }
+        for (int u = 0; u < Q; ++u) store_vector(rows + u * keys_padded + kb, acc[u] * scale);
       }
-      for (int u = 0; u < Q; ++u) store_vector(rows + u * keys_padded + kb, acc[u]);
+#endif
+    } else {
+      this->template products<Q>(query, keys, rows);
     }
     float inverse[Q];
     for (int u = 0; u < Q; ++u) {
@@ -1228,9 +1263,9 @@ struct GlobalKernel : GlobalShape<T, D> {
       if (a.lse != nullptr) static_cast<float*>(a.lse)[(b * heads + head) * nq + i + u] = m + std::log(sum);
     }
     V out[Q][kRowVectors];
-    for (int u = 0; u < Q; ++u)
-      for (int64_t t = 0; t < kRowVectors; ++t) out[u][t] = V{};
     if constexpr (kPairs) {
+      for (int u = 0; u < Q; ++u)
+        for (int64_t t = 0; t < kRowVectors; ++t) out[u][t] = V{};
 #ifdef HMAIT_BF16_DOT
       // The probabilities as bfloat16 in key order: read as 32-bit words, pairs of keys (the padding's are 0).
       uint16_t* probabilities = reinterpret_cast<uint16_t*>(query);
@@ -1249,19 +1284,9 @@ struct GlobalKernel : GlobalShape<T, D> {
       }
 #endif
     } else {
-      for (int64_t j = 0; j < nk; ++j) {
-        V v[kRowVectors];
-        for (int64_t t = 0; t < kRowVectors; ++t) v[t] = load_vector<V>(values + j * D + t * lanes);
-        for (int u = 0; u < Q; ++u) {
-          const V p = V{} + rows[u * keys_padded + j];
-          for (int64_t t = 0; t < kRowVectors; ++t) out[u][t] += p * v[t];
-        }
-      }
+      this->template weighted_sum<Q>(rows, values, out);
     }
-    for (int u = 0; u < Q; ++u) {
-      S* o = at_mut(a.out, b, i + u, head);
-      for (int64_t t = 0; t < kRowVectors; ++t) Tr::store_lanes(o + t * lanes, out[u][t] * inverse[u]);
-    }
+    this->template store_rows<Q>(a.out, b, i, head, out, inverse);
   }
 
   void forward(int64_t begin, int64_t end) const {
@@ -1304,20 +1329,6 @@ struct GlobalBackward : GlobalShape<T, D> {
     for (int64_t t = 0; t < kRowVectors; ++t) x[t] = Tr::load_lanes(p + t * lanes);
   }
 
-  // rows[u][j] = x_u . (column j of the channel-major packed), for the Q rows x (float32, D each).
-  template <int Q>
-  HMAIT_INLINE void products(const float* x, const float* packed, float* rows) const {
-    for (int64_t kb = 0; kb < keys_padded; kb += lanes) {
-      V acc[Q];
-      for (int u = 0; u < Q; ++u) acc[u] = V{};
-      for (int64_t c = 0; c < D; ++c) {
-        const V column = load_vector<V>(packed + c * key_stride + kb);
-        for (int u = 0; u < Q; ++u) acc[u] += x[u * D + c] * column;
-      }
-      for (int u = 0; u < Q; ++u) store_vector(rows + u * keys_padded + kb, acc[u]);
-    }
-  }
-
   template <int Q>
   HMAIT_INLINE void block(int64_t b, int64_t head, int64_t i, const float* keys_t, const float* values_t,
                           const float* key_rows, float* grad_keys, float* grad_values, float* x, float* rows,
@@ -1339,8 +1350,8 @@ struct GlobalBackward : GlobalShape<T, D> {
       }
       delta[u] = HorizontalSum<float, HMAIT_VECTOR_BYTES>::run(dot);
     }
-    products<Q>(query, keys_t, rows);        // q . k (unscaled)
-    products<Q>(grad_out, values_t, rows2);  // grad_out . v
+    this->template products<Q>(query, keys_t, rows);        // q . k (unscaled)
+    this->template products<Q>(grad_out, values_t, rows2);  // grad_out . v
     // rows: p = exp(scale q . k - lse); rows2: scale ds = scale p (dp - delta). Padding keys are never read below.
     for (int u = 0; u < Q; ++u) {
       for (int64_t kb = 0; kb < keys_padded; kb += lanes) {
@@ -1352,20 +1363,10 @@ struct GlobalBackward : GlobalShape<T, D> {
     }
     // grad_q_u = sum_j scale ds_uj k_j.
     V grad_q[Q][kRowVectors];
-    for (int u = 0; u < Q; ++u)
-      for (int64_t t = 0; t < kRowVectors; ++t) grad_q[u][t] = V{};
-    for (int64_t j = 0; j < nk; ++j) {
-      V k[kRowVectors];
-      for (int64_t t = 0; t < kRowVectors; ++t) k[t] = load_vector<V>(key_rows + j * D + t * lanes);
-      for (int u = 0; u < Q; ++u) {
-        const V ds = V{} + rows2[u * keys_padded + j];
-        for (int64_t t = 0; t < kRowVectors; ++t) grad_q[u][t] += ds * k[t];
-      }
-    }
-    for (int u = 0; u < Q; ++u) {
-      S* out = at_mut(a.grad_q, b, i + u, head);
-      for (int64_t t = 0; t < kRowVectors; ++t) Tr::store_lanes(out + t * lanes, grad_q[u][t]);
-    }
+    this->template weighted_sum<Q>(rows2, key_rows, grad_q);
+    float ones[Q];
+    for (int u = 0; u < Q; ++u) ones[u] = 1.0f;
+    this->template store_rows<Q>(a.grad_q, b, i, head, grad_q, ones);
     // grad_k_j += sum_u scale ds_uj q_u, grad_v_j += sum_u p_uj grad_out_u; the block's rows in registers.
     V qv[Q][kRowVectors], gov[Q][kRowVectors];
     for (int u = 0; u < Q; ++u)
